@@ -1,0 +1,25 @@
+"""Losses of TAP fine-tuning (`m4c_decoding_bce_with_mask`, TAP.md §8)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def m4c_decoding_bce(scores: jax.Array, targets: jax.Array,
+                     loss_mask: jax.Array) -> jax.Array:
+  """Masked BCE-with-logits summed over classes and steps / number of active steps.
+
+  Args:
+    scores: logits `[B, T, C]`.
+    targets: soft targets `[B, T, C]`.
+    loss_mask: `[B, T]`, 1 on supervised decoding steps.
+
+  Returns:
+    Scalar: sum_{b,t,c} m[b,t] * bce[b,t,c] / max(sum m, 1). Not divided by C or B,
+    so it is about 3.7e3 for a random model (upstream normalisation).
+  """
+  s = scores.astype(jnp.float32)
+  bce = jax.nn.relu(s) - s * targets + jnp.log1p(jnp.exp(-jnp.abs(s)))
+  per_step = jnp.sum(bce, axis=-1) * loss_mask
+  return jnp.sum(per_step) / jnp.maximum(jnp.sum(loss_mask), 1.0)

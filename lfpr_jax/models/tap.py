@@ -1,0 +1,527 @@
+"""TAP (`m4c_split`) in flax.linen, numerically the PyTorch model of microsoft/TAP.
+
+Every upstream detail of TAP.md §4 is reproduced: exact (erf) GELU, LayerNorm eps
+1e-12 except the four object/OCR input LayerNorms (1e-5), additive -10000 masking,
+the hard-coded token types, the zeroed OCR order vectors, the classifier weight doubling
+as the fixed-answer embedding table of the decoder inputs.
+
+Two ways to run the multimodal transformer:
+  * `TAP.__call__`: teacher forcing over the whole `[B, 382]` sequence with the
+    prefix-LM mask (the training branch; also the LFPR teacher-forced objective);
+  * `TAP.encode` + `TAP.decode_step`: the 370 encoder rows once, then one decoder row
+    per step attending to cached keys/values. Exact, because encoder rows give weight
+    exp(-10000) = 0 to every decoder key (TAP.md §4.6). `lfpr_jax.decoding` builds
+    greedy decoding from these two methods.
+
+Head and FFN-neuron masks are explicit arguments (`head_mask`, `ffn_mask`; ones = no-op)
+so that `jax.grad` with respect to them gives LFPR's importance gradients. With
+`config.learnable_masks` every MMT layer also owns learnable masks (the ReSt model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lfpr_jax.models.config import TapConfig
+
+Array = jax.Array
+PyTree = Any
+# A per-layer mask: None (ones), an array [L, n] or a sequence of L arrays [n_l].
+LayerMasks = Union[None, Array, Sequence[Optional[Array]]]
+
+MASK_VALUE = -10000.0  # upstream additive mask, not -inf (TAP.md §12.9)
+BERT_LN_EPS = 1e-12
+INPUT_LN_EPS = 1e-5  # obj/OCR feature and box LayerNorms use the PyTorch default
+
+
+def layer_norm(name: str, eps: float = BERT_LN_EPS) -> nn.LayerNorm:
+  # use_fast_variance=False: mean of squared deviations, as torch computes it.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
+def l2_normalize(x: Array) -> Array:
+  """`torch.nn.functional.normalize(x, dim=-1)`: x / max(||x||, 1e-12)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, 1e-12)
+
+
+def gelu(x: Array) -> Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+def additive_mask(valid: Array) -> Array:
+  """1 -> 0, 0 -> -10000 (float32)."""
+  return (1.0 - valid.astype(jnp.float32)) * MASK_VALUE
+
+
+def split_layer_masks(mask: LayerMasks, sizes: Sequence[int], what: str
+                      ) -> list[Optional[Array]]:
+  """Normalises a head/neuron mask argument to one `[n_l]` array (or None) per layer.
+
+  Args:
+    mask: None, an array `[L, n]` (all layers of equal width) or L arrays `[n_l]`.
+    sizes: the per-layer widths n_l of the model.
+    what: "head_mask" or "ffn_mask", for error messages.
+
+  Returns:
+    A list of L entries, each None or an array of shape `[n_l]`.
+  """
+  if mask is None:
+    return [None] * len(sizes)
+  if isinstance(mask, (list, tuple)):
+    masks = list(mask)
+  else:
+    mask = jnp.asarray(mask)
+    if mask.ndim != 2 or mask.shape[0] != len(sizes):
+      raise ValueError(
+          f"{what} must be [{len(sizes)}, n] (one row per MMT layer) or a list of "
+          f"per-layer vectors; got shape {tuple(mask.shape)}.")
+    masks = [mask[i] for i in range(len(sizes))]
+  if len(masks) != len(sizes):
+    raise ValueError(f"{what} has {len(masks)} layers, the model has {len(sizes)}.")
+  for i, (m, n) in enumerate(zip(masks, sizes)):
+    if m is not None and tuple(jnp.shape(m)) != (n,):
+      raise ValueError(
+          f"{what}[{i}] has shape {tuple(jnp.shape(m))}, but MMT layer {i} has {n} "
+          f"{'heads' if what == 'head_mask' else 'FFN neurons'} (expected ({n},)).")
+  return masks
+
+
+def dense(features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class Bias(nn.Module):
+  """Only the bias of a linear map whose input width is 0 (a fully pruned block)."""
+  features: int
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param("bias", nn.initializers.zeros, (self.features,))
+
+
+class SelfAttention(nn.Module):
+  """BERT self-attention plus output projection, head-major kernels.
+
+  Params: `query|key|value/kernel [d, h, 64]`, `/bias [h, 64]`, `out/kernel [h, 64, d]`,
+  `out/bias [d]`, optional `head_mask [h]`. With h = 0 only `out/bias` exists.
+  """
+  num_heads: int
+  head_dim: int
+  hidden_size: int
+  attention_dropout: float
+  learnable_mask: bool = False
+
+  def setup(self):
+    h, hd = self.num_heads, self.head_dim
+    init = nn.initializers.normal(0.02)
+    if h > 0:
+      self.query = nn.DenseGeneral((h, hd), kernel_init=init, name="query")
+      self.key = nn.DenseGeneral((h, hd), kernel_init=init, name="key")
+      self.value = nn.DenseGeneral((h, hd), kernel_init=init, name="value")
+      self.out = nn.DenseGeneral(self.hidden_size, axis=(-2, -1), kernel_init=init,
+                                 name="out")
+      if self.learnable_mask:
+        self.head_mask = self.param("head_mask", nn.initializers.ones, (h,))
+    else:
+      self.out_bias = Bias(self.hidden_size, name="out")
+    self.dropout = nn.Dropout(self.attention_dropout)
+
+  def project_kv(self, x: Array) -> tuple[Array, Array]:
+    """Keys and values `[B, S, h, 64]` of the rows x `[B, S, d]`."""
+    return self.key(x), self.value(x)
+
+  def __call__(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
+               head_mask: Optional[Array] = None, train: bool = False) -> Array:
+    """Attention of the rows x over one or more key/value segments.
+
+    Args:
+      x: query rows `[B, Q, d]`.
+      segments: `(keys [B, K_i, h, 64], values [B, K_i, h, 64], mask)` triples; mask
+        is additive and broadcasts to `[B, 1, Q, K_i]`. The softmax runs over all
+        segments together (segments avoid concatenating cached keys).
+      head_mask: optional `[h]` multiplier of the attention probabilities.
+      train: enables attention-probability dropout.
+
+    Returns:
+      The attention output projection `[B, Q, d]` (before residual and LayerNorm).
+    """
+    if self.num_heads == 0:
+      return jnp.broadcast_to(self.out_bias(), x.shape)
+    q = self.query(x)
+    logits = [jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim) + m
+              for k, _, m in segments]
+    sizes = [l.shape[-1] for l in logits]
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+    probs = self.dropout(probs, deterministic=not train)
+    scale = None
+    if self.learnable_mask:
+      scale = self.head_mask
+    if head_mask is not None:
+      scale = head_mask if scale is None else scale * head_mask
+    if scale is not None:
+      probs = probs * scale[None, :, None, None]
+    ctx = 0.0
+    start = 0
+    for (_, v, _), n in zip(segments, sizes):
+      ctx = ctx + jnp.einsum("bhqk,bkhd->bqhd", probs[..., start:start + n], v)
+      start += n
+    return self.out(ctx)
+
+
+class FeedForward(nn.Module):
+  """BERT intermediate + output dense: `wo(gelu(wi(x)) * mask)`; `wi [d, f]`, `wo [f, d]`."""
+  ffn_dim: int
+  hidden_size: int
+  learnable_mask: bool = False
+
+  def setup(self):
+    if self.ffn_dim > 0:
+      self.wi = dense(self.ffn_dim, "wi")
+      self.wo = dense(self.hidden_size, "wo")
+      if self.learnable_mask:
+        self.ffn_mask = self.param("ffn_mask", nn.initializers.ones, (self.ffn_dim,))
+    else:
+      self.wo_bias = Bias(self.hidden_size, name="wo")
+
+  def __call__(self, x: Array, *, ffn_mask: Optional[Array] = None) -> Array:
+    if self.ffn_dim == 0:
+      return jnp.broadcast_to(self.wo_bias(), x.shape)
+    u = gelu(self.wi(x))
+    if self.learnable_mask:
+      u = u * self.ffn_mask
+    if ffn_mask is not None:
+      u = u * ffn_mask
+    return self.wo(u)
+
+
+class BertLayer(nn.Module):
+  """Post-LN BERT layer (TAP.md §4.7), shared by text-BERT and the MMT."""
+  num_heads: int
+  ffn_dim: int
+  config: TapConfig
+  learnable_masks: bool = False
+
+  def setup(self):
+    c = self.config
+    self.attention = SelfAttention(self.num_heads, c.head_dim, c.hidden_size,
+                                   c.attention_dropout, self.learnable_masks,
+                                   name="attention")
+    self.attn_ln = layer_norm("attn_ln")
+    self.ffn = FeedForward(self.ffn_dim, c.hidden_size, self.learnable_masks,
+                           name="ffn")
+    self.ffn_ln = layer_norm("ffn_ln")
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def project_kv(self, x: Array) -> Optional[tuple[Array, Array]]:
+    if self.num_heads == 0:
+      return None
+    return self.attention.project_kv(x)
+
+  def attend(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
+             head_mask: Optional[Array] = None, ffn_mask: Optional[Array] = None,
+             train: bool = False) -> Array:
+    """The layer for query rows x given the key/value segments they attend to."""
+    det = not train
+    a = self.attention(x, segments, head_mask=head_mask, train=train)
+    x = self.attn_ln(self.dropout(a, deterministic=det) + x)
+    f = self.ffn(x, ffn_mask=ffn_mask)
+    return self.ffn_ln(self.dropout(f, deterministic=det) + x)
+
+  def __call__(self, x: Array, mask: Array, *, head_mask: Optional[Array] = None,
+               ffn_mask: Optional[Array] = None, train: bool = False) -> Array:
+    """Full self-attention layer over x `[B, S, d]` with additive mask `[B,1,S|1,S]`."""
+    kv = self.project_kv(x)
+    segments = [] if kv is None else [(kv[0], kv[1], mask)]
+    return self.attend(x, segments, head_mask=head_mask, ffn_mask=ffn_mask,
+                       train=train)
+
+
+class TextBert(nn.Module):
+  """BERT embeddings + `text_bert_layers` encoder layers over `cmb_text` (TAP.md §4.2)."""
+  config: TapConfig
+
+  def setup(self):
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    self.word = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="word")
+    self.position = nn.Embed(c.max_position_embeddings, c.hidden_size,
+                             embedding_init=init, name="position")
+    self.token_type = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
+                               name="token_type")
+    self.emb_ln = layer_norm("emb_ln")
+    self.dropout = nn.Dropout(c.hidden_dropout)
+    self.layers = [BertLayer(c.text_heads, c.text_ffn, c, name=f"layer_{i}")
+                   for i in range(c.text_bert_layers)]
+
+  def __call__(self, text: Array, *, train: bool = False) -> Array:
+    c = self.config
+    n = text.shape[1]
+    positions = jnp.arange(n)
+    # Hard-coded token types: question positions are 0, everything after is 1.
+    types = (positions >= c.question_len).astype(jnp.int32)
+    e = self.word(text) + self.position(positions)[None] + self.token_type(types)[None]
+    x = self.dropout(self.emb_ln(e), deterministic=not train)
+    mask = additive_mask(text != 0)[:, None, None, :]
+    for i, layer in enumerate(self.layers):
+      x = layer(x, mask, train=train)
+      self.sow("intermediates", f"layer_out_{i}", x)
+    return x
+
+
+class PrevPredEmbeddings(nn.Module):
+  """Decoder inputs from previous predictions (TAP.md §4.5)."""
+  config: TapConfig
+
+  def setup(self):
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    self.position = nn.Embed(c.prev_pred_positions, c.hidden_size, embedding_init=init,
+                             name="position")
+    self.token_type = nn.Embed(c.prev_pred_types, c.hidden_size, embedding_init=init,
+                               name="token_type")
+    self.ans_ln = layer_norm("ans_ln")
+    self.ocr_ln = layer_norm("ocr_ln")
+    self.emb_ln = layer_norm("emb_ln")
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def tables(self, answer_table: Array, ocr_in: Array) -> tuple[Array, Array]:
+    """LayerNormed answer table `[V_a, d]` and OCR table `[B, N_c, d]`."""
+    return self.ans_ln(answer_table), self.ocr_ln(ocr_in)
+
+  def __call__(self, ans_emb: Array, ocr_emb: Array, prev: Array, positions: Array,
+               *, train: bool = False) -> Array:
+    """Embeds prev `[B, T]` (indices into answers ⧺ OCR) at decoder `positions` `[T]`."""
+    v_a = ans_emb.shape[0]
+    is_ocr = prev >= v_a
+    from_ans = jnp.take(ans_emb, jnp.clip(prev, 0, v_a - 1), axis=0)
+    ocr_idx = jnp.clip(prev - v_a, 0, ocr_emb.shape[1] - 1)
+    from_ocr = jnp.take_along_axis(ocr_emb, ocr_idx[..., None], axis=1)
+    raw = jnp.where(is_ocr[..., None], from_ocr, from_ans)
+    e = self.position(positions)[None] + self.token_type(is_ocr.astype(jnp.int32))
+    e = self.dropout(self.emb_ln(e), deterministic=not train)
+    return raw + e
+
+
+class OcrPtrNet(nn.Module):
+  """Copy scores of the decoder rows over the OCR slots (TAP.md §4.8)."""
+  config: TapConfig
+
+  def setup(self):
+    self.query = dense(self.config.ptr_query_key_size, "query")
+    self.key = dense(self.config.ptr_query_key_size, "key")
+
+  def __call__(self, dec_out: Array, ocr_out: Array, ocr_valid: Array) -> Array:
+    q = self.query(dec_out)
+    k = self.key(ocr_out)
+    s = jnp.einsum("btd,bnd->btn", q, k) / math.sqrt(self.config.ptr_query_key_size)
+    return s + additive_mask(ocr_valid)[:, None, :]
+
+
+class TAP(nn.Module):
+  """The TAP Text-VQA model (`m4c_split`; `m4c_lfpr_config` when pruned).
+
+  Inputs are the canonical model fields of `lfpr_jax.batch.model_inputs`:
+    cmb_text [B, 170] int, image_feature_0 [B, 100, 2048], obj_bbox_coordinates
+    [B, 100, 4], obj_num [B], image_feature_1 [B, 100, 2048], context_feature_0
+    [B, 100, 300], context_feature_1 [B, 100, 604], ocr_bbox_coordinates [B, 100, 4],
+    ocr_num [B], train_prev_inds [B, 12] int.
+  """
+  config: TapConfig
+
+  def setup(self):
+    c = self.config
+    self.text_bert = TextBert(c, name="text_bert")
+    self.obj_fc7 = dense(c.fc7_dim, "obj_fc7")
+    self.obj_feat_proj = dense(c.hidden_size, "obj_feat_proj")
+    self.obj_bbox_proj = dense(c.hidden_size, "obj_bbox_proj")
+    self.obj_feat_ln = layer_norm("obj_feat_ln", INPUT_LN_EPS)
+    self.obj_bbox_ln = layer_norm("obj_bbox_ln", INPUT_LN_EPS)
+    self.obj_drop = nn.Dropout(c.obj_dropout)
+    self.ocr_fc7 = dense(c.fc7_dim, "ocr_fc7")
+    self.ocr_feat_proj = dense(c.hidden_size, "ocr_feat_proj")
+    self.ocr_bbox_proj = dense(c.hidden_size, "ocr_bbox_proj")
+    self.ocr_feat_ln = layer_norm("ocr_feat_ln", INPUT_LN_EPS)
+    self.ocr_bbox_ln = layer_norm("ocr_bbox_ln", INPUT_LN_EPS)
+    self.ocr_drop = nn.Dropout(c.ocr_dropout)
+    self.prev_pred_embeddings = PrevPredEmbeddings(c, name="prev_pred_embeddings")
+    self.mmt_layers = [
+        BertLayer(h, f, c, c.learnable_masks, name=f"mmt_layer_{i}")
+        for i, (h, f) in enumerate(zip(c.mmt_heads, c.mmt_ffn))]
+    self.ocr_ptr_net = OcrPtrNet(c, name="ocr_ptr_net")
+    # classifier.module.weight [V_a, d]: the fixed-answer logits AND the decoder's
+    # answer-embedding table (one tied parameter, stored untransposed).
+    init = nn.initializers.normal(0.02)
+    self.classifier_embedding = self.param("classifier_embedding", init,
+                                           (c.num_answers, c.hidden_size))
+    self.classifier_bias = self.param("classifier_bias", nn.initializers.zeros,
+                                      (c.num_answers,))
+
+  # Encoders ---------------------------------------------------------------------
+  def _encode_obj(self, batch: dict[str, Array], train: bool) -> Array:
+    c = self.config
+    f = batch["image_feature_0"][:, :c.obj_max]
+    g = l2_normalize(jax.nn.relu(self.obj_fc7(f)))
+    x = (self.obj_feat_ln(self.obj_feat_proj(g))
+         + self.obj_bbox_ln(self.obj_bbox_proj(batch["obj_bbox_coordinates"])))
+    return self.obj_drop(x, deterministic=not train)
+
+  def _encode_ocr(self, batch: dict[str, Array], train: bool) -> Array:
+    c = self.config
+    ft = l2_normalize(batch["context_feature_0"])
+    ph = l2_normalize(batch["context_feature_1"])
+    g = l2_normalize(jax.nn.relu(self.ocr_fc7(batch["image_feature_1"][:, :c.ocr_max])))
+    feat = jnp.concatenate([ft, ph, g], axis=-1)
+    # Upstream feeds zeros in place of the legacy order vectors (TAP.md §4.4).
+    order = jnp.zeros(feat.shape[:-1] + (c.order_dim,), feat.dtype)
+    proj = self.ocr_feat_proj(jnp.concatenate([feat, order], axis=-1))
+    x = self.ocr_feat_ln(proj) + self.ocr_bbox_ln(
+        self.ocr_bbox_proj(batch["ocr_bbox_coordinates"]))
+    return self.ocr_drop(x, deterministic=not train)
+
+  def _inputs(self, batch: dict[str, Array], train: bool) -> dict[str, Array]:
+    """Text-BERT, object and OCR encoders: everything that precedes the MMT."""
+    c = self.config
+    txt = self.text_bert(batch["cmb_text"], train=train)
+    obj = self._encode_obj(batch, train)
+    ocr = self._encode_ocr(batch, train)
+    self.sow("intermediates", "txt_emb", txt)
+    self.sow("intermediates", "obj_mmt_in", obj)
+    self.sow("intermediates", "ocr_mmt_in", ocr)
+    obj_valid = jnp.arange(c.obj_max)[None] < batch["obj_num"][:, None]
+    ocr_valid = jnp.arange(c.ocr_max)[None] < batch["ocr_num"][:, None]
+    enc_valid = jnp.concatenate(
+        [batch["cmb_text"] != 0, obj_valid, ocr_valid], axis=1)
+    return dict(txt=txt, obj=obj, ocr=ocr, ocr_valid=ocr_valid, enc_valid=enc_valid)
+
+  def _scores(self, dec_out: Array, ocr_out: Array, ocr_valid: Array) -> Array:
+    fixed = dec_out @ self.classifier_embedding.T + self.classifier_bias
+    ocr = self.ocr_ptr_net(dec_out, ocr_out, ocr_valid)
+    self.sow("intermediates", "fixed_scores", fixed)
+    self.sow("intermediates", "ocr_scores", ocr)
+    return jnp.concatenate([fixed, ocr], axis=-1)
+
+  def _masks(self, head_mask: LayerMasks, ffn_mask: LayerMasks):
+    c = self.config
+    return (split_layer_masks(head_mask, c.mmt_heads, "head_mask"),
+            split_layer_masks(ffn_mask, c.mmt_ffn, "ffn_mask"))
+
+  # Teacher forcing ---------------------------------------------------------------
+  def __call__(self, batch: dict[str, Array], *, train: bool = False,
+               head_mask: LayerMasks = None, ffn_mask: LayerMasks = None) -> Array:
+    """Teacher-forced scores `[B, T, C]` with decoder inputs `batch['train_prev_inds']`.
+
+    Args:
+      batch: canonical model inputs (see class docstring).
+      train: dropout on (needs a 'dropout' rng).
+      head_mask: per-layer head masks (`[L, H]` or L vectors `[h_l]`); None = ones.
+      ffn_mask: per-layer neuron masks (`[L, F]` or L vectors `[f_l]`); None = ones.
+    """
+    c = self.config
+    head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
+    enc = self._inputs(batch, train)
+    prev = batch["train_prev_inds"]
+    steps = prev.shape[1]
+    ans_emb, ocr_emb = self.prev_pred_embeddings.tables(self.classifier_embedding,
+                                                        enc["ocr"])
+    dec = self.prev_pred_embeddings(ans_emb, ocr_emb, prev, jnp.arange(steps),
+                                    train=train)
+    self.sow("intermediates", "dec_emb", dec)
+    x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"], dec], axis=1)
+    mask = prefix_lm_mask(enc["enc_valid"], steps)
+    for i, layer in enumerate(self.mmt_layers):
+      x = layer(x, mask, head_mask=head_masks[i], ffn_mask=ffn_masks[i], train=train)
+      self.sow("intermediates", f"mmt_out_{i}", x)
+    n_enc = c.encoder_len
+    ocr_out = x[:, n_enc - c.ocr_max:n_enc]
+    return self._scores(x[:, n_enc:], ocr_out, enc["ocr_valid"])
+
+  # Cached incremental decoding ---------------------------------------------------
+  def encode(self, batch: dict[str, Array], *, train: bool = False,
+             head_mask: LayerMasks = None, ffn_mask: LayerMasks = None) -> PyTree:
+    """Runs everything that does not depend on the decoder inputs, once.
+
+    Returns:
+      A cache pytree: `kv` (per MMT layer the keys/values `[B, 370, h_l, 64]` of the
+      encoder rows, or None for a layer without heads), `enc_mask` `[B, 1, 1, 370]`
+      (additive), `ocr_out` `[B, 100, d]`, `ocr_valid` `[B, 100]`, `ans_emb`
+      `[V_a, d]` and `ocr_emb` `[B, 100, d]` (the decoder-input tables).
+    """
+    c = self.config
+    head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
+    enc = self._inputs(batch, train)
+    x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"]], axis=1)
+    mask = additive_mask(enc["enc_valid"])[:, None, None, :]
+    kv = []
+    for i, layer in enumerate(self.mmt_layers):
+      layer_kv = layer.project_kv(x)
+      kv.append(layer_kv)
+      segments = [] if layer_kv is None else [(layer_kv[0], layer_kv[1], mask)]
+      x = layer.attend(x, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
+                       train=train)
+    ans_emb, ocr_emb = self.prev_pred_embeddings.tables(self.classifier_embedding,
+                                                        enc["ocr"])
+    return dict(kv=kv, enc_mask=mask, ocr_out=x[:, c.encoder_len - c.ocr_max:],
+                ocr_valid=enc["ocr_valid"], ans_emb=ans_emb, ocr_emb=ocr_emb)
+
+  def decode_step(self, cache: PyTree, dec_kv: PyTree, prev_t: Array, t: Array, *,
+                  train: bool = False, head_mask: LayerMasks = None,
+                  ffn_mask: LayerMasks = None) -> tuple[Array, PyTree]:
+    """One decoder row: embeds prev_t `[B]` at step t, returns scores `[B, C]`.
+
+    `dec_kv` holds the keys/values of decoder rows < t (from earlier steps); row t's
+    are written into it and the updated buffers are returned. Row t attends to every
+    valid encoder row and to decoder rows <= t, exactly as in the full pass.
+    """
+    c = self.config
+    head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
+    x = self.prev_pred_embeddings(cache["ans_emb"], cache["ocr_emb"], prev_t[:, None],
+                                  jnp.reshape(t, (1,)), train=train)
+    dec_mask = jnp.where(jnp.arange(c.decode_steps) <= t, 0.0, MASK_VALUE)
+    new_kv = []
+    for i, layer in enumerate(self.mmt_layers):
+      if c.mmt_heads[i] == 0:
+        new_kv.append(None)
+        segments = []
+      else:
+        k_t, v_t = layer.project_kv(x)
+        k = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][0], k_t, t, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][1], v_t, t, axis=1)
+        new_kv.append((k, v))
+        ek, ev = cache["kv"][i]
+        segments = [(ek, ev, cache["enc_mask"]), (k, v, dec_mask)]
+      x = layer.attend(x, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
+                       train=train)
+    scores = self._scores(x, cache["ocr_out"], cache["ocr_valid"])
+    return scores[:, 0], new_kv
+
+
+def init_decoder_cache(config: TapConfig, batch_size: int
+                       ) -> list[Optional[tuple[Array, Array]]]:
+  """Zero key/value buffers `[B, T, h_l, 64]` for the decoder rows of every MMT layer."""
+  return [None if h == 0 else
+          (jnp.zeros((batch_size, config.decode_steps, h, config.head_dim),
+                     jnp.float32),) * 2
+          for h in config.mmt_heads]
+
+
+def prefix_lm_mask(enc_valid: Array, steps: int) -> Array:
+  """Additive MMT mask `[B, 1, S, S]` (TAP.md §4.6).
+
+  Encoder keys are visible to every query where valid; decoder keys are invisible to
+  encoder queries and causal (incl. the diagonal) among decoder queries.
+  """
+  b, n_enc = enc_valid.shape
+  n = n_enc + steps
+  enc_part = jnp.broadcast_to(enc_valid[:, None, :].astype(jnp.float32), (b, n, n_enc))
+  i = jnp.arange(n)[:, None]
+  j = jnp.arange(steps)[None, :] + n_enc
+  dec_part = ((i >= n_enc) & (j <= i)).astype(jnp.float32)
+  dec_part = jnp.broadcast_to(dec_part[None], (b, n, steps))
+  valid = jnp.concatenate([enc_part, dec_part], axis=-1)
+  return additive_mask(valid)[:, None]
