@@ -7,6 +7,7 @@ max, greedy argmax equal wherever the upstream top-2 margin exceeds 1e-3.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +218,105 @@ def test_lfpr_mask_gradients(arch, variant):
                       f"per-sample head Fisher t={t}")
     assert_grad_close((pf[i] ** 2).sum(0), g.out[key % "ffn_fisher_per_sample"],
                       f"per-sample ffn Fisher t={t}")
+
+
+def upstream_create_pruned_model(sd, head_mask, ffn_mask, head_dim=64):
+  """numpy transcription of LFPR's `create_pruned_model` (LFPR.md §5.2-5.3).
+
+  Kept heads/neurons in ascending original order; Q/K/V rows and output-dense
+  columns of kept heads, intermediate rows and output columns of kept neurons;
+  learnable masks at ones (`[1, h, 1, 1]` and `[f]`). Everything else is copied.
+  """
+  out = dict(sd)
+  for l in range(head_mask.shape[0]):
+    base = f"mmt.encoder.layer.{l}."
+    heads = np.flatnonzero(head_mask[l])
+    rows = (heads[:, None] * head_dim + np.arange(head_dim)[None]).reshape(-1)
+    neurons = np.flatnonzero(ffn_mask[l])
+    for n in ("query", "key", "value"):
+      out[base + f"attention.self.{n}.weight"] = sd[base + f"attention.self.{n}.weight"][rows]
+      out[base + f"attention.self.{n}.bias"] = sd[base + f"attention.self.{n}.bias"][rows]
+    w = sd[base + "attention.output.dense.weight"]
+    out[base + "attention.output.dense.weight"] = w[:, rows]
+    out[base + "intermediate.dense.weight"] = sd[base + "intermediate.dense.weight"][neurons]
+    out[base + "intermediate.dense.bias"] = sd[base + "intermediate.dense.bias"][neurons]
+    out[base + "output.dense.weight"] = sd[base + "output.dense.weight"][:, neurons]
+    out[base + "attention.self.head_mask.mask"] = np.ones((1, len(heads), 1, 1), np.float32)
+    out[base + "intermediate.ffn_mask.mask"] = np.ones((len(neurons),), np.float32)
+  return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_model_of_pruning_json(arch):
+  """The pruned model (constraint 0.4, some layers with 0 heads) equals upstream,
+  and equals the unpruned model run with the binary masks (surgery = masking)."""
+  g = golden(arch)
+  pruned_out = dict(np.load(GOLDEN / arch / "outputs_pruned_0.4.npz"))
+  meta = json.loads((GOLDEN / arch / "pruning.json").read_text())
+  head_mask, ffn_mask = pruned_out["head_mask"], pruned_out["ffn_mask"]
+  np.testing.assert_array_equal(head_mask.sum(1), meta["sum"]["0.4"]["cfg_head"])
+  np.testing.assert_array_equal(ffn_mask.sum(1), meta["sum"]["0.4"]["cfg_ffn"])
+
+  sd = upstream_create_pruned_model(g.state_dict, head_mask, ffn_mask)
+  shapes = {k: list(v.shape) for k, v in sd.items()}
+  assert shapes == meta["pruned_state_dict_shapes"]
+  config = infer_config(sd)
+  assert list(config.mmt_heads) == meta["sum"]["0.4"]["cfg_head"]
+  assert config.learnable_masks
+  params = state_dict_to_params(sd, config)
+  model = TAP(config)
+
+  tf = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g.inputs)
+  tf = np.asarray(tf)
+  assert_scores_close(tf, pruned_out["tf_scores"], g.valid, "pruned teacher forcing")
+  assert_argmax_equal(tf, pruned_out["tf_argmax"], pruned_out["tf_top2_margin"],
+                      "pruned tf argmax")
+  loss = m4c_decoding_bce(tf, g.inputs["targets"], g.inputs["train_loss_mask"])
+  assert_loss_close(loss, pruned_out["tf_loss"], "pruned loss")
+
+  gs, gp = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, g.inputs)
+  gs, gp = np.asarray(gs), np.asarray(gp)
+  assert_scores_close(gs, pruned_out["greedy_scores"], g.valid, "pruned greedy")
+  assert_argmax_equal(gs, pruned_out["greedy_argmax"], pruned_out["greedy_top2_margin"],
+                      "pruned greedy argmax")
+  loss = m4c_decoding_bce(gs, g.inputs["targets"], g.inputs["train_loss_mask"])
+  assert_loss_close(loss, pruned_out["greedy_loss"], "pruned greedy loss")
+
+  # The unpruned model with binary masks as apply arguments.
+  masked = jax.jit(lambda p, x, h, f: g.model.apply({"params": p}, x, head_mask=h,
+                                                     ffn_mask=f))(
+      g.params, g.inputs, head_mask, ffn_mask)
+  assert_scores_close(np.asarray(masked), pruned_out["masked_full_tf_scores"], g.valid,
+                      "masked unpruned teacher forcing")
+  mg, _ = jax.jit(lambda p, x, h, f: greedy_decode(g.model, {"params": p}, x,
+                                                   head_mask=h, ffn_mask=f))(
+      g.params, g.inputs, head_mask, ffn_mask)
+  assert_scores_close(np.asarray(mg), pruned_out["masked_full_greedy_scores"], g.valid,
+                      "masked unpruned greedy")
+
+
+def test_pruned_layer_without_heads_equals_masking():
+  """Constraint 0.2 of the golden selection leaves MMT layer 1 with 0 heads: the
+  sliced model (zero-size blocks dropped) equals the unpruned model with the masks."""
+  g = golden("tap")
+  pruning = np.load(GOLDEN / "tap" / "pruning.npz")
+  head_mask, ffn_mask = pruning["sum_0.2_head_mask"], pruning["sum_0.2_ffn_mask"]
+  assert (head_mask.sum(1) == 0).any()
+  sd = upstream_create_pruned_model(g.state_dict, head_mask, ffn_mask)
+  config = infer_config(sd)
+  assert 0 in config.mmt_heads
+  params = state_dict_to_params(sd, config)
+  model = TAP(config)
+  pruned = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, g.inputs)
+  masked = jax.jit(lambda p, x, h, f: greedy_decode(g.model, {"params": p}, x,
+                                                    head_mask=h, ffn_mask=f))(
+      g.params, g.inputs, head_mask, ffn_mask)
+  assert_scores_close(np.asarray(pruned[0]), np.asarray(masked[0]), g.valid,
+                      "0-head pruned vs masked (greedy)")
+  np.testing.assert_array_equal(np.asarray(pruned[1]), np.asarray(masked[1]))
+  tf = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g.inputs)
+  tf_masked = jax.jit(lambda p, x, h, f: g.model.apply({"params": p}, x, head_mask=h,
+                                                        ffn_mask=f))(
+      g.params, g.inputs, head_mask, ffn_mask)
+  assert_scores_close(np.asarray(tf), np.asarray(tf_masked), g.valid,
+                      "0-head pruned vs masked (teacher forcing)")
