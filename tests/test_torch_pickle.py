@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from converters.torch_pickle import Placeholder, TorchFileError, load
+from tests.torch_writer import LEGACY_MAGIC, _glob, _int, _str, _tuple
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "golden" / "torch_files"
 STEMS = ("zip", "legacy", "module_prefix", "bare_state_dict", "dtypes")
 TRUE_DTYPES = {"dtypes/bf16": np.dtype(ml_dtypes.bfloat16)}  # expected.npz keeps bf16 as f32
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _require_fixtures() -> None:
@@ -55,23 +55,6 @@ def _expected_for(expected, stem):
 
 
 # --- hand-built protocol-2 pickle opcodes and torch file writers ----------------------------
-
-def _glob(module: str, name: str) -> bytes:
-  return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def _str(text: str) -> bytes:
-  data = text.encode()
-  return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _int(value: int) -> bytes:
-  return b"J" + struct.pack("<i", value)
-
-
-def _tuple(*items: bytes) -> bytes:
-  return b"(" + b"".join(items) + b"t"
-
 
 def _tensor(stype, key, numel, offset, shape, stride, legacy=False, view=None, v3_dtype=None):
   """Opcodes rebuilding one tensor as torch.save writes it (persistent-id storage)."""
