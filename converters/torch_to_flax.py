@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import re
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 

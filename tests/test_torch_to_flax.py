@@ -1,7 +1,6 @@
 """The torch -> Flax converter: mapping, architecture inference, CLI, bad input."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np

@@ -316,10 +316,15 @@ class OcrPtrNet(nn.Module):
     self.query = dense(self.config.ptr_query_key_size, "query")
     self.key = dense(self.config.ptr_query_key_size, "key")
 
-  def __call__(self, dec_out: Array, ocr_out: Array, ocr_valid: Array) -> Array:
+  def keys(self, ocr_out: Array) -> Array:
+    """Pointer keys `[B, N_c, D]` of the OCR rows (cached across decoding steps)."""
+    return self.key(ocr_out)
+
+  def __call__(self, dec_out: Array, ocr_keys: Array, ocr_valid: Array) -> Array:
+    """Copy scores `[B, T, N_c]` of the decoder rows against `keys(ocr_out)`."""
     q = self.query(dec_out)
-    k = self.key(ocr_out)
-    s = jnp.einsum("btd,bnd->btn", q, k) / math.sqrt(self.config.ptr_query_key_size)
+    s = jnp.einsum("btd,bnd->btn", q, ocr_keys) / math.sqrt(
+        self.config.ptr_query_key_size)
     return s + additive_mask(ocr_valid)[:, None, :]
 
 
@@ -399,9 +404,10 @@ class TAP(nn.Module):
         [batch["cmb_text"] != 0, obj_valid, ocr_valid], axis=1)
     return dict(txt=txt, obj=obj, ocr=ocr, ocr_valid=ocr_valid, enc_valid=enc_valid)
 
-  def _scores(self, dec_out: Array, ocr_out: Array, ocr_valid: Array) -> Array:
+  def _scores(self, dec_out: Array, ocr_keys: Array, ocr_valid: Array) -> Array:
+    """Fixed-vocabulary logits ⧺ OCR copy scores `[B, T, V_a + N_c]`."""
     fixed = dec_out @ self.classifier_embedding.T + self.classifier_bias
-    ocr = self.ocr_ptr_net(dec_out, ocr_out, ocr_valid)
+    ocr = self.ocr_ptr_net(dec_out, ocr_keys, ocr_valid)
     self.sow("intermediates", "fixed_scores", fixed)
     self.sow("intermediates", "ocr_scores", ocr)
     return jnp.concatenate([fixed, ocr], axis=-1)
@@ -434,12 +440,39 @@ class TAP(nn.Module):
     self.sow("intermediates", "dec_emb", dec)
     x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"], dec], axis=1)
     mask = prefix_lm_mask(enc["enc_valid"], steps)
+    out, _ = self._mmt(x, mask, head_masks, ffn_masks, train)
+    return self._scores(out[:, c.ocr_max:], self.ocr_ptr_net.keys(out[:, :c.ocr_max]),
+                        enc["ocr_valid"])
+
+  def _mmt(self, x: Array, mask: Array, head_masks: list, ffn_masks: list,
+           train: bool) -> tuple[Array, list]:
+    """Runs the MMT layers; returns the last layer's rows from the OCR block on.
+
+    Only the OCR rows (pointer-net keys) and decoder rows of the last layer are ever
+    read, so its queries are restricted to them (its keys/values still cover every
+    row): an exact saving of about 10% of TAP's forward. When intermediates are being
+    collected (parity tests) every row is computed.
+
+    Returns:
+      `[B, S - 270, d]` (OCR rows, then decoder rows if any) and the per-layer
+      keys/values of x (None for layers without heads).
+    """
+    c = self.config
+    start = c.encoder_len - c.ocr_max
+    full = self.is_mutable_collection("intermediates")
+    kvs = []
     for i, layer in enumerate(self.mmt_layers):
-      x = layer(x, mask, head_mask=head_masks[i], ffn_mask=ffn_masks[i], train=train)
+      kv = layer.project_kv(x)
+      kvs.append(kv)
+      q, m = x, mask
+      if i == len(self.mmt_layers) - 1 and not full:
+        q = x[:, start:]
+        m = mask if mask.shape[2] == 1 else mask[:, :, start:]
+      segments = [] if kv is None else [(kv[0], kv[1], m)]
+      x = layer.attend(q, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
+                       train=train)
       self.sow("intermediates", f"mmt_out_{i}", x)
-    n_enc = c.encoder_len
-    ocr_out = x[:, n_enc - c.ocr_max:n_enc]
-    return self._scores(x[:, n_enc:], ocr_out, enc["ocr_valid"])
+    return (x[:, start:] if full else x), kvs
 
   # Cached incremental decoding ---------------------------------------------------
   def encode(self, batch: dict[str, Array], *, train: bool = False,
@@ -449,24 +482,18 @@ class TAP(nn.Module):
     Returns:
       A cache pytree: `kv` (per MMT layer the keys/values `[B, 370, h_l, 64]` of the
       encoder rows, or None for a layer without heads), `enc_mask` `[B, 1, 1, 370]`
-      (additive), `ocr_out` `[B, 100, d]`, `ocr_valid` `[B, 100]`, `ans_emb`
+      (additive), `ocr_keys` `[B, 100, D]` (pointer-net keys of the last layer's
+      OCR rows), `ocr_valid` `[B, 100]`, `ans_emb`
       `[V_a, d]` and `ocr_emb` `[B, 100, d]` (the decoder-input tables).
     """
-    c = self.config
     head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
     enc = self._inputs(batch, train)
     x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"]], axis=1)
     mask = additive_mask(enc["enc_valid"])[:, None, None, :]
-    kv = []
-    for i, layer in enumerate(self.mmt_layers):
-      layer_kv = layer.project_kv(x)
-      kv.append(layer_kv)
-      segments = [] if layer_kv is None else [(layer_kv[0], layer_kv[1], mask)]
-      x = layer.attend(x, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
-                       train=train)
+    ocr_out, kv = self._mmt(x, mask, head_masks, ffn_masks, train)
     ans_emb, ocr_emb = self.prev_pred_embeddings.tables(self.classifier_embedding,
                                                         enc["ocr"])
-    return dict(kv=kv, enc_mask=mask, ocr_out=x[:, c.encoder_len - c.ocr_max:],
+    return dict(kv=kv, enc_mask=mask, ocr_keys=self.ocr_ptr_net.keys(ocr_out),
                 ocr_valid=enc["ocr_valid"], ans_emb=ans_emb, ocr_emb=ocr_emb)
 
   def decode_step(self, cache: PyTree, dec_kv: PyTree, prev_t: Array, t: Array, *,
@@ -497,7 +524,7 @@ class TAP(nn.Module):
         segments = [(ek, ev, cache["enc_mask"]), (k, v, dec_mask)]
       x = layer.attend(x, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
                        train=train)
-    scores = self._scores(x, cache["ocr_out"], cache["ocr_valid"])
+    scores = self._scores(x, cache["ocr_keys"], cache["ocr_valid"])
     return scores[:, 0], new_kv
 
 
