@@ -1,0 +1,1 @@
+"""Text-side data rules of the TAP/M4C pipeline: normalisation, PHOC, answer vocabulary and targets."""
