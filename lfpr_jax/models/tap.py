@@ -105,6 +105,33 @@ class Bias(nn.Module):
     return self.param("bias", nn.initializers.zeros, (self.features,))
 
 
+class HeadProjection(nn.Module):
+  """Q/K/V projection to head-major activations: kernel `[d, h, 64]`, bias `[h, 64]`."""
+  num_heads: int
+  head_dim: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x `[B, S, d]` -> `[B, h, S, 64]`."""
+    kernel = self.param("kernel", nn.initializers.normal(0.02),
+                        (x.shape[-1], self.num_heads, self.head_dim))
+    bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.head_dim))
+    return jnp.einsum("bsd,dhk->bhsk", x, kernel) + bias[None, :, None, :]
+
+
+class OutProjection(nn.Module):
+  """Attention output projection: kernel `[h, 64, d]`, bias `[d]`."""
+  features: int
+
+  @nn.compact
+  def __call__(self, ctx: Array) -> Array:
+    """ctx `[B, h, Q, 64]` -> `[B, Q, d]`."""
+    kernel = self.param("kernel", nn.initializers.normal(0.02),
+                        (ctx.shape[1], ctx.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return jnp.einsum("bhqk,hkd->bqd", ctx, kernel) + bias
+
+
 class SelfAttention(nn.Module):
   """BERT self-attention plus output projection, head-major kernels.
 
@@ -119,13 +146,11 @@ class SelfAttention(nn.Module):
 
   def setup(self):
     h, hd = self.num_heads, self.head_dim
-    init = nn.initializers.normal(0.02)
     if h > 0:
-      self.query = nn.DenseGeneral((h, hd), kernel_init=init, name="query")
-      self.key = nn.DenseGeneral((h, hd), kernel_init=init, name="key")
-      self.value = nn.DenseGeneral((h, hd), kernel_init=init, name="value")
-      self.out = nn.DenseGeneral(self.hidden_size, axis=(-2, -1), kernel_init=init,
-                                 name="out")
+      self.query = HeadProjection(h, hd, name="query")
+      self.key = HeadProjection(h, hd, name="key")
+      self.value = HeadProjection(h, hd, name="value")
+      self.out = OutProjection(self.hidden_size, name="out")
       if self.learnable_mask:
         self.head_mask = self.param("head_mask", nn.initializers.ones, (h,))
     else:
@@ -133,7 +158,7 @@ class SelfAttention(nn.Module):
     self.dropout = nn.Dropout(self.attention_dropout)
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
-    """Keys and values `[B, S, h, 64]` of the rows x `[B, S, d]`."""
+    """Keys and values `[B, h, S, 64]` of the rows x `[B, S, d]`."""
     return self.key(x), self.value(x)
 
   def __call__(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
@@ -142,7 +167,7 @@ class SelfAttention(nn.Module):
 
     Args:
       x: query rows `[B, Q, d]`.
-      segments: `(keys [B, K_i, h, 64], values [B, K_i, h, 64], mask)` triples; mask
+      segments: `(keys [B, h, K_i, 64], values [B, h, K_i, 64], mask)` triples; mask
         is additive and broadcasts to `[B, 1, Q, K_i]`. The softmax runs over all
         segments together (segments avoid concatenating cached keys).
       head_mask: optional `[h]` multiplier of the attention probabilities.
@@ -154,7 +179,9 @@ class SelfAttention(nn.Module):
     if self.num_heads == 0:
       return jnp.broadcast_to(self.out_bias(), x.shape)
     q = self.query(x)
-    logits = [jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim) + m
+    # Head-major activations [B, h, S, 64]: every product below is a plain batched
+    # matmul over (B, h), with no transposes in the forward or backward pass.
+    logits = [jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(self.head_dim) + m
               for k, _, m in segments]
     sizes = [l.shape[-1] for l in logits]
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
@@ -169,7 +196,7 @@ class SelfAttention(nn.Module):
     ctx = 0.0
     start = 0
     for (_, v, _), n in zip(segments, sizes):
-      ctx = ctx + jnp.einsum("bhqk,bkhd->bqhd", probs[..., start:start + n], v)
+      ctx = ctx + jnp.einsum("bhqk,bhkd->bhqd", probs[..., start:start + n], v)
       start += n
     return self.out(ctx)
 
@@ -480,7 +507,7 @@ class TAP(nn.Module):
     """Runs everything that does not depend on the decoder inputs, once.
 
     Returns:
-      A cache pytree: `kv` (per MMT layer the keys/values `[B, 370, h_l, 64]` of the
+      A cache pytree: `kv` (per MMT layer the keys/values `[B, h_l, 370, 64]` of the
       encoder rows, or None for a layer without heads), `enc_mask` `[B, 1, 1, 370]`
       (additive), `ocr_keys` `[B, 100, D]` (pointer-net keys of the last layer's
       OCR rows), `ocr_valid` `[B, 100]`, `ans_emb`
@@ -517,8 +544,8 @@ class TAP(nn.Module):
         segments = []
       else:
         k_t, v_t = layer.project_kv(x)
-        k = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][0], k_t, t, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][1], v_t, t, axis=1)
+        k = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][0], k_t, t, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(dec_kv[i][1], v_t, t, axis=2)
         new_kv.append((k, v))
         ek, ev = cache["kv"][i]
         segments = [(ek, ev, cache["enc_mask"]), (k, v, dec_mask)]
@@ -530,9 +557,9 @@ class TAP(nn.Module):
 
 def init_decoder_cache(config: TapConfig, batch_size: int
                        ) -> list[Optional[tuple[Array, Array]]]:
-  """Zero key/value buffers `[B, T, h_l, 64]` for the decoder rows of every MMT layer."""
+  """Zero key/value buffers `[B, h_l, T, 64]` for the decoder rows of every MMT layer."""
   return [None if h == 0 else
-          (jnp.zeros((batch_size, config.decode_steps, h, config.head_dim),
+          (jnp.zeros((batch_size, h, config.decode_steps, config.head_dim),
                      jnp.float32),) * 2
           for h in config.mmt_heads]
 

@@ -1,0 +1,180 @@
+"""Training TAP: upstream optimiser groups, jitted data-parallel steps, evaluation.
+
+Pure pieces used by fine-tuning (the synthetic base model, TAP.md §10) and by ReSt
+retraining (LFPR.md §6): which parameters train (`split_params`), the optimiser with
+per-group learning rates (`make_optimizer`), `train_step` (a pure function, jitted
+over a `data` mesh by `make_train_step`), and greedy-decoding evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from lfpr_jax import parallel
+from lfpr_jax.decoding import greedy_decode
+from lfpr_jax.losses import m4c_decoding_bce
+from lfpr_jax.models.tap import TAP
+
+PyTree = Any
+Array = jax.Array
+
+# Upstream parameter groups (TAP.md §10, §5.2): text-BERT and the fc7 layers at 0.1x
+# the base learning rate, the LFPR mask parameters at their own rate.
+GROUP_PATTERNS = (
+    ("mask", re.compile(r"^mmt_layer_\d+/(attention/head_mask|ffn/ffn_mask)$")),
+    ("text_bert", re.compile(r"^text_bert/")),
+    ("fc7", re.compile(r"^(obj|ocr)_fc7/")),
+)
+
+
+def flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+
+
+def unflat(d: Mapping[str, Any]) -> dict[str, Any]:
+  return flax.traverse_util.unflatten_dict(dict(d), sep="/")
+
+
+def split_params(params: PyTree, trainable: Sequence[str] | None
+                 ) -> tuple[dict, dict]:
+  """Splits params into (trainable, frozen) nested dicts by path regexes.
+
+  Args:
+    params: the model parameters.
+    trainable: regexes matched (`re.search`) against '/'-joined paths; None = all.
+
+  Returns:
+    Two nested dicts whose union is `params`.
+  """
+  if trainable is None:
+    return flax.core.unfreeze(params), {}
+  pats = [re.compile(p) for p in trainable]
+  t, f = {}, {}
+  for path, leaf in flat(params).items():
+    (t if any(p.search(path) for p in pats) else f)[path] = leaf
+  if not t:
+    raise ValueError(f"no parameter matches the trainable patterns {list(trainable)}.")
+  return unflat(t), unflat(f)
+
+
+def merge_params(*trees: Mapping[str, Any]) -> dict:
+  out = {}
+  for tree in trees:
+    out.update(flat(tree))
+  return unflat(out)
+
+
+def group_of(path: str) -> str:
+  for name, pattern in GROUP_PATTERNS:
+    if pattern.search(path):
+      return name
+  return "default"
+
+
+def upstream_schedule(base_lr: float, *, warmup_steps: int = 1000,
+                      warmup_factor: float = 0.2, decay_steps: Sequence[int] = (),
+                      decay_ratio: float = 0.1) -> optax.Schedule:
+  """Pythia's schedule: linear warm-up from `warmup_factor`, then step decays."""
+  steps = sorted(int(s) for s in decay_steps)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    alpha = jnp.minimum(count / max(warmup_steps, 1), 1.0)
+    warm = warmup_factor * (1.0 - alpha) + alpha
+    n_decays = sum((count >= s).astype(jnp.float32) for s in steps) if steps else 0.0
+    return base_lr * jnp.where(count <= warmup_steps, warm,
+                               decay_ratio ** n_decays)
+  return schedule
+
+
+def make_optimizer(trainable_params: PyTree, *, lr: float, warmup_steps: int = 1000,
+                   warmup_factor: float = 0.2, decay_steps: Sequence[int] = (),
+                   decay_ratio: float = 0.1, clip_norm: Optional[float] = 0.25,
+                   group_scales: Optional[Mapping[str, float]] = None,
+                   mask_lr: Optional[float] = None, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """Adam with upstream parameter groups, global-norm clipping of the trained grads.
+
+  Args:
+    trainable_params: the parameters that train (frozen ones are not passed here,
+      so clipping sees only trained gradients, as in LFPR's ReSt).
+    lr: base learning rate.
+    warmup_steps, warmup_factor, decay_steps, decay_ratio: `upstream_schedule`.
+    clip_norm: global-norm clip (upstream 0.25), None for none.
+    group_scales: lr multipliers per group (default text_bert and fc7 at 0.1).
+    mask_lr: learning rate of the LFPR mask parameters (default: lr).
+    eps: Adam epsilon.
+  """
+  scales = {"text_bert": 0.1, "fc7": 0.1, **dict(group_scales or {})}
+  sched = dict(warmup_steps=warmup_steps, warmup_factor=warmup_factor,
+               decay_steps=decay_steps, decay_ratio=decay_ratio)
+  transforms = {
+      "default": optax.adam(upstream_schedule(lr, **sched), eps=eps),
+      "mask": optax.adam(upstream_schedule(lr if mask_lr is None else mask_lr, **sched),
+                         eps=eps),
+  }
+  for name, scale in scales.items():
+    transforms[name] = optax.adam(upstream_schedule(lr * scale, **sched), eps=eps)
+  labels = unflat({p: group_of(p) for p in flat(trainable_params)})
+  chain = [optax.multi_transform(transforms, labels)]
+  if clip_norm is not None:
+    chain.insert(0, optax.clip_by_global_norm(clip_norm))
+  return optax.chain(*chain)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Trainable params + optimiser state; frozen params travel separately."""
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def init_state(trainable: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                    opt_state=tx.init(trainable))
+
+
+def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
+               rng: Array, *, model: TAP, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, Array]]:
+  """One optimiser step on the M4C decoding BCE with dropout on (pure)."""
+  def loss_fn(trainable):
+    scores = model.apply({"params": merge_params(trainable, frozen)}, batch,
+                         train=True,
+                         rngs={"dropout": jax.random.fold_in(rng, state.step)})
+    return m4c_decoding_bce(scores, batch["targets"], batch["train_loss_mask"])
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step` jitted over the mesh: batch sharded on `data`, the rest replicated."""
+  rep = parallel.replicated(mesh)
+  return jax.jit(
+      lambda s, f, b, r: train_step(s, f, b, r, model=model, tx=tx),
+      in_shardings=(rep, rep, parallel.data_sharded(mesh), rep),
+      out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_predict(model: TAP, mesh: Mesh, bos_index: int) -> Callable[..., Array]:
+  """Jitted greedy decoding returning the per-step argmax indices `[B, T]`."""
+  def predict(params, batch):
+    scores, _ = greedy_decode(model, {"params": params}, batch, bos_index=bos_index)
+    return jnp.argmax(scores, axis=-1)
+  return jax.jit(predict, in_shardings=(parallel.replicated(mesh),
+                                        parallel.data_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
