@@ -15,6 +15,7 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -178,3 +179,64 @@ def make_predict(model: TAP, mesh: Mesh, bos_index: int) -> Callable[..., Array]
   return jax.jit(predict, in_shardings=(parallel.replicated(mesh),
                                         parallel.data_sharded(mesh)),
                  out_shardings=parallel.replicated(mesh))
+
+
+def question_only(batch: Mapping[str, Any], question_len: int) -> dict[str, Any]:
+  """The ablation that ignores the image: no objects, no OCR, question text only.
+
+  Object/OCR counts become 0 (every object and OCR row is a masked key, no OCR token
+  can be copied), their features, boxes and the OCR/object-name wordpieces are zeroed.
+  """
+  out = dict(batch)
+  text = np.array(batch["cmb_text"])
+  text[:, question_len:] = 0
+  out["cmb_text"] = text
+  for k in ("obj_num", "ocr_num"):
+    out[k] = np.zeros_like(np.asarray(batch[k]))
+  for k in ("image_feature_0", "obj_bbox_coordinates", "image_feature_1",
+            "context_feature_0", "context_feature_1", "ocr_bbox_coordinates"):
+    out[k] = np.zeros_like(np.asarray(batch[k]))
+  return out
+
+
+def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Mapping],
+             vocab: Any, mesh: Mesh, *, question_len: Optional[int] = None,
+             ablate_image: bool = False, limit: Optional[int] = None
+             ) -> dict[str, Any]:
+  """TextVQA accuracy (EvalAI-normalised, 10-choose-9) of greedy predictions.
+
+  Args:
+    predict: `make_predict(...)`.
+    params: model parameters (replicated).
+    batches: batches with model fields plus `context_tokens` and `answers` strings.
+    vocab: the `AnswerVocab` (maps indices to words).
+    mesh: the device mesh.
+    question_len, ablate_image: evaluate the question-only ablation.
+    limit: stop after this many examples.
+
+  Returns:
+    {"accuracy": mean over examples, "num_examples": n, "predictions": [...]}.
+  """
+  from lfpr_jax.data.answers import decode_answers  # noqa: PLC0415
+  from lfpr_jax.data.pipeline import decode_strings  # noqa: PLC0415
+  from lfpr_jax.metrics import textvqa_accuracy  # noqa: PLC0415
+  n_dev = mesh.devices.size
+  scores, preds = [], []
+  for batch in batches:
+    if ablate_image:
+      batch = question_only(batch, question_len)
+    b = len(batch["cmb_text"])
+    pad = (-b) % n_dev  # the last eval batch may not divide the devices
+    padded = {k: (np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v)
+              for k, v in batch.items() if isinstance(v, np.ndarray)
+              and v.dtype.kind in "biuf"}
+    idx = np.asarray(predict(params, parallel.global_batch(padded, mesh)))[:b]
+    tokens = [decode_strings(t) for t in batch["context_tokens"]]
+    answers = [decode_strings(a) for a in batch["answers"]]
+    for i, (ans, _) in enumerate(decode_answers(idx, vocab, tokens)):
+      scores.append(textvqa_accuracy(ans, answers[i]))
+      preds.append({"question_id": int(batch["question_id"][i]), "answer": ans})
+    if limit is not None and len(scores) >= limit:
+      break
+  return {"accuracy": float(np.mean(scores)) if scores else float("nan"),
+          "num_examples": len(scores), "predictions": preds}

@@ -4,7 +4,8 @@
 question, with every field padded to a fixed shape so examples can be stored and batched
 without ragged leaves:
 
-* `cmb_text` = question(20) ⧺ OCR words(100) ⧺ object names(50), each segment
+* `cmb_text` = question(20) ⧺ OCR words(100) ⧺ object names(50) (the config's
+  `question_len`, `ocr_text_len`, `obj_text_len`), each segment
   `[CLS] ... [SEP]`, truncated (losing its final `[SEP]`), zero-padded; the first id of
   the OCR and object segments is overwritten with 102 (`[SEP]`), so an empty OCR list
   gives `102 102 0 ...`;
@@ -36,10 +37,6 @@ from lfpr_jax.data.text import PAD_TOKEN, make_context_tokens, word_tokenize
 from lfpr_jax.data.vocab import AnswerVocab
 from lfpr_jax.models.config import TapConfig
 
-OCR_TEXT_LEN: int = 100
-"""OCR-word wordpieces in the text stream (hard-coded upstream, `ocr_str_len`)."""
-OBJ_TEXT_LEN: int = 50
-"""Object-name wordpieces in the text stream (hard-coded upstream, `obj_str_len`)."""
 
 MODEL_FIELDS: tuple[str, ...] = (
     "cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num", "image_feature_1",
@@ -106,19 +103,13 @@ class SampleBuilder:
 
     Raises:
       FileNotFoundError: a feature directory is missing.
-      ValueError: the config's text length is not question + 100 + 50, the answer
-        vocabulary does not have `config.num_answers` entries, the FastText width is not
+      ValueError: the answer vocabulary does not have `config.num_answers` entries, the FastText width is not
         `config.fasttext_dim`, or the BERT vocabulary is larger than the model's.
     """
     self.obj_dir = readers.require_dir(
         obj_dir, "object features: <feature_path> .npy files with their _info.npy")
     self.ocr_dir = readers.require_dir(
         ocr_dir, "OCR features: <feature_path> .npy files with their _info.npy")
-    expected_len = config.question_len + OCR_TEXT_LEN + OBJ_TEXT_LEN
-    if config.text_len != expected_len:
-      raise ValueError(f"config.text_len is {config.text_len}, but the TAP text stream "
-                       f"is question_len ({config.question_len}) + {OCR_TEXT_LEN} + "
-                       f"{OBJ_TEXT_LEN} = {expected_len}.")
     if vocab.num_vocab != config.num_answers:
       raise ValueError(f"answer vocabulary {vocab.source} has {vocab.num_vocab} entries "
                        f"but the model config expects num_answers={config.num_answers}.")
@@ -203,10 +194,12 @@ class SampleBuilder:
     width, height = entry.image_width, entry.image_height
 
     question, _ = self.tokenizer.encode_segment(entry.question, c.question_len)
-    obj_text, _ = self.tokenizer.encode_segment(" ".join(obj.tokens), OBJ_TEXT_LEN)
+    obj_text, _ = self.tokenizer.encode_segment(" ".join(obj.tokens),
+                                                 c.obj_text_len)
     raw_tokens = list(ocr.tokens[:c.ocr_max])
     ocr_tokens = [word_tokenize(t) for t in raw_tokens]
-    ocr_text, _ = self.tokenizer.encode_segment(" ".join(ocr_tokens), OCR_TEXT_LEN)
+    ocr_text, _ = self.tokenizer.encode_segment(" ".join(ocr_tokens),
+                                                 c.ocr_text_len)
     # BatchCollator: the OCR and object segments start with [SEP] instead of [CLS].
     ocr_text[0] = self.tokenizer.sep_id
     obj_text[0] = self.tokenizer.sep_id

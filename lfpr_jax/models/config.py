@@ -35,7 +35,9 @@ class TapConfig:
     text_heads, text_ffn: text-BERT layer shapes (never pruned).
     vocab_size, max_position_embeddings, type_vocab_size: text-BERT embeddings.
     question_len: positions < question_len get token type 0, all others type 1.
-    text_len: length of `cmb_text` (20 + 100 + 50).
+    text_len: length of `cmb_text` (question 20 + OCR words 100 + object names 50).
+    ocr_text_len: wordpieces of the OCR-word segment of `cmb_text` (100); the object
+      names get the rest, `text_len - question_len - ocr_text_len` (50).
     num_answers: fixed answer vocabulary size V_a (= rows of the classifier).
     obj_max, ocr_max: object / OCR slots.
     decode_steps: decoding steps T (`max_copy_steps`).
@@ -64,6 +66,7 @@ class TapConfig:
   type_vocab_size: int = 2
   question_len: int = 20
   text_len: int = 170
+  ocr_text_len: int = 100
   num_answers: int = 5000
   obj_max: int = 100
   ocr_max: int = 100
@@ -98,8 +101,10 @@ class TapConfig:
         raise ValueError(f"{name} must be >= 0 per layer, got {list(values)}.")
     if self.text_bert_layers < 0:
       raise ValueError(f"text_bert_layers must be >= 0, got {self.text_bert_layers}.")
-    if self.question_len > self.text_len:
-      raise ValueError("question_len must not exceed text_len.")
+    if self.obj_text_len < 1:
+      raise ValueError(
+          f"text_len ({self.text_len}) must exceed question_len ({self.question_len}) "
+          f"+ ocr_text_len ({self.ocr_text_len}): the object-name segment is empty.")
     if self.decode_steps > self.prev_pred_positions:
       raise ValueError("decode_steps exceeds the decoder position table.")
 
@@ -107,6 +112,11 @@ class TapConfig:
   @property
   def mmt_layers(self) -> int:
     return len(self.mmt_heads)
+
+  @property
+  def obj_text_len(self) -> int:
+    """Wordpieces of the object-name segment of `cmb_text`."""
+    return self.text_len - self.question_len - self.ocr_text_len
 
   @property
   def num_classes(self) -> int:
