@@ -9,7 +9,7 @@ over a `data` mesh by `make_train_step`), and greedy-decoding evaluation.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax
 import flax.struct
