@@ -5,9 +5,10 @@ r"""The embedded synthetic Text-VQA benchmark with a reduced TAP.
 
 The dataset is generated into `<workdir>/data/synthetic` (upstream file layout, read by
 the same readers as TextVQA), built to ArrayRecord in `<workdir>/tfds`, and a reduced TAP
-(hidden 256, 4 heads, 4 MMT layers, 1 text-BERT layer, 16 objects / 16 OCR tokens,
-104 text wordpieces) is trained from scratch. Expected: about 0.8 val accuracy after
-10 minutes on 2 CPU cores; the question-only ablation stays near 0.2.
+(hidden 128, 2 heads of 64, FFN 512, 4 MMT layers, 1 text-BERT layer, 16 objects / 16
+OCR tokens, 104 text wordpieces; 1.4M parameters) is trained from scratch for at most 10
+minutes. Measured on 2 CPU cores: 0.387 val accuracy after 1348 steps (still rising;
+the issue's bar of 0.7 is not met yet), against 0.19 for the best question-only answer.
 `:tiny` (CI smoke test): a few hundred questions, 1 MMT layer, a few steps.
 """
 
@@ -29,18 +30,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # TapConfig fields; data-dependent sizes (answer and BERT vocabularies, feature
   # widths, object/OCR slots) come from the generated dataset.
   config.model = ml_collections.ConfigDict(dict(
-      arch="synthetic", text_bert_layers=1, mmt_heads=(4, 4, 4, 4),
-      mmt_ffn=(1024, 1024, 1024, 1024), hidden_size=256, head_dim=64, text_heads=4,
-      text_ffn=1024, question_len=16, ocr_text_len=64, text_len=104, fc7_dim=256,
-      ptr_query_key_size=256, max_position_embeddings=128))
+      arch="synthetic", text_bert_layers=1, mmt_heads=(2, 2, 2, 2),
+      mmt_ffn=(512, 512, 512, 512), hidden_size=128, head_dim=64, text_heads=2,
+      text_ffn=512, question_len=16, ocr_text_len=64, text_len=104, fc7_dim=128,
+      ptr_query_key_size=128, max_position_embeddings=128))
 
   config.optim = ml_collections.ConfigDict(dict(
-      lr=3e-4, warmup_steps=200, warmup_factor=0.2, decay_steps=(), decay_ratio=0.1,
+      lr=1e-3, warmup_steps=100, warmup_factor=0.2, decay_steps=(), decay_ratio=0.1,
       clip_norm=0.25))
 
   config.train = ml_collections.ConfigDict(dict(
-      batch_size=32, num_steps=4000, max_minutes=10.0, log_every=20, eval_every=500,
-      eval_limit=500))
+      batch_size=32, num_steps=4000, max_minutes=10.0, log_every=20, eval_every=400,
+      eval_limit=300))
 
   if arg == "tiny":
     config.data.synthetic.update(num_train=192, num_val=64, num_test=64)
