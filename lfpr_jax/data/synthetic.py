@@ -176,6 +176,10 @@ class SyntheticSpec:
       OCR token, a prefix, a neighbouring number, ...), exercising soft scores.
     max_count: largest answer of `count` questions.
     shuffle_ocr: shuffle OCR rows (else the reading order of the builder leaks).
+    position_directions: which `POSITIONS` `ocr_position` asks about. The corners are
+      off by default: TAP embeds a box as LayerNorm(Linear(box)), which at
+      initialisation keeps only the box's direction from the image origin, so "top
+      left" vs "bottom right" (same direction, different distance) is learned late.
     bert_whole_ocr_words: put the train lexicon into `bert/vocab.txt` as whole words
       (one wordpiece per train OCR token: a short OCR text stream); held-out words are
       always split into syllable pieces, as rare words are by a real BERT vocabulary.
@@ -208,14 +212,15 @@ class SyntheticSpec:
   max_count: int = 4
   shuffle_ocr: bool = True
   bert_whole_ocr_words: bool = True
+  position_directions: tuple[str, ...] = ("left", "right", "top", "bottom")
   image_width_range: tuple[int, int] = (512, 1024)
   image_height_range: tuple[int, int] = (384, 768)
   type_fractions: tuple[tuple[str, float], ...] = DEFAULT_TYPE_FRACTIONS
 
   def __post_init__(self):
     fractions = self.type_fractions
-    if isinstance(fractions, Mapping):
-      items = dict(fractions)
+    if hasattr(fractions, "items"):  # a dict, or an ml_collections ConfigDict
+      items = dict(fractions.items())
     else:
       items = {}
       for pair in fractions:
@@ -228,6 +233,7 @@ class SyntheticSpec:
       raise ValueError(f"unknown question type(s) {unknown}; known: {list(QUESTION_TYPES)}.")
     normalised = tuple((t, float(items.get(t, 0.0))) for t in QUESTION_TYPES)
     object.__setattr__(self, "type_fractions", normalised)
+    object.__setattr__(self, "position_directions", tuple(self.position_directions))
     object.__setattr__(self, "image_width_range", tuple(int(v) for v in self.image_width_range))
     object.__setattr__(self, "image_height_range",
                        tuple(int(v) for v in self.image_height_range))
@@ -277,6 +283,12 @@ class SyntheticSpec:
       lo_hi = getattr(self, name)
       if len(lo_hi) != 2 or not 128 <= lo_hi[0] <= lo_hi[1]:
         problems.append(f"{name} must be (lo, hi) with 128 <= lo <= hi")
+    known = [name for name, _, _ in POSITIONS]
+    directions = self.position_directions
+    if (any(d not in known for d in directions) or len(set(directions)) != len(directions)
+        or len(directions) < self.questions_per_image):
+      problems.append(f"position_directions must be >= questions_per_image distinct "
+                      f"names from {known}, got {list(directions)}")
     values = [v for _, v in self.type_fractions]
     if any(v < 0 or not math.isfinite(v) for v in values):
       problems.append("type_fractions must be finite and >= 0")
@@ -307,6 +319,7 @@ class SyntheticSpec:
     out["type_fractions"] = self.fractions
     out["image_width_range"] = list(self.image_width_range)
     out["image_height_range"] = list(self.image_height_range)
+    out["position_directions"] = list(self.position_directions)
     return out
 
   @classmethod
@@ -870,7 +883,8 @@ def _make_questions(rng: np.random.Generator, spec: SyntheticSpec, scene: _Scene
     answer, variants = "", []
     templates = _TEMPLATES.get(kind, ())
     if kind == "ocr_position":
-      options = [d for d in range(len(POSITIONS)) if d not in used_directions]
+      options = [d for d, (name, _, _) in enumerate(POSITIONS)
+                 if name in spec.position_directions and d not in used_directions]
       if has_ocr:
         options = [d for d in options
                    if position_answer(d, token_boxes, scene.width, scene.height) >= 0]
