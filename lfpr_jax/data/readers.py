@@ -329,16 +329,8 @@ def read_imdb(path: str | os.PathLike, *, num_answers: int | None = 10
 # Region features
 # ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ObjectFeatures:
-  """One image's object detections.
-
-  Attributes:
-    path: the feature file.
-    features: `[n_obj, d]` region features (as stored).
-    boxes: `[n_obj, 4]` pixel boxes x1, y1, x2, y2 (as stored).
-    tokens: class name per region (from `object_tokens`, or `objects` ids looked up
-      in the class names).
-  """
+class _RegionFeatures:
+  """Rows of one feature file with their boxes and one token per row."""
   path: str
   features: np.ndarray
   boxes: np.ndarray
@@ -350,7 +342,20 @@ class ObjectFeatures:
 
 
 @dataclasses.dataclass(frozen=True)
-class OcrFeatures:
+class ObjectFeatures(_RegionFeatures):
+  """One image's object detections.
+
+  Attributes:
+    path: the feature file.
+    features: `[n_obj, d]` region features (as stored).
+    boxes: `[n_obj, 4]` pixel boxes x1, y1, x2, y2 (as stored).
+    tokens: class name per region (from `object_tokens`, or `objects` ids looked up
+      in the class names).
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class OcrFeatures(_RegionFeatures):
   """One image's OCR tokens.
 
   Attributes:
@@ -359,14 +364,6 @@ class OcrFeatures:
     boxes: `[n_ocr, 4]` pixel boxes x1, y1, x2, y2 (`[0, 4]` when empty).
     tokens: the raw OCR tokens.
   """
-  path: str
-  features: np.ndarray
-  boxes: np.ndarray
-  tokens: tuple[str, ...]
-
-  @property
-  def num_rows(self) -> int:
-    return int(self.features.shape[0])
 
 
 def info_path(feature_path: str | os.PathLike) -> str:
