@@ -14,6 +14,8 @@ the issue's bar of 0.7 is not met yet), against 0.19 for the best question-only 
 
 import ml_collections
 
+from lfpr_jax import schedules
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -43,12 +45,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=32, num_steps=4000, max_minutes=10.0, log_every=20, eval_every=400,
       eval_limit=300))
 
+  # LFPR (issue 5): score, prune to 40% of the MMT, ReSt with TAP/TextVQA's schedule.
+  config.base_model = ""       # empty: <workdir>/base_model, trained when missing
+  config.prune = schedules.prune_section(constraints=(0.4,), num_samples=1024,
+                                         batch_size=32)
+  config.rest = schedules.rest_section("tap", "textvqa", ckpt_every=200)
+  config.eval = ml_collections.ConfigDict(dict(batch_size=64))
+  config.progress = True
+
   if arg == "tiny":
     config.data.synthetic.update(num_train=192, num_val=64, num_test=64)
     config.model.update(mmt_heads=(2,), mmt_ffn=(128,), hidden_size=128, text_heads=2,
                         text_ffn=128, fc7_dim=64, ptr_query_key_size=128)
     config.train.update(batch_size=16, num_steps=6, eval_every=0, log_every=1,
                         max_minutes=2.0)
+    config.prune.update(num_samples=40, batch_size=16)
+    config.rest.update(ckpt_every=4, schedule=((0.4, 73, 1),))
+    config.eval.update(batch_size=32)
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'.")
   return config

@@ -127,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     batches = make_loader(data.built_dir, "val", local_batch, shuffle=False,
                           drop_remainder=False)
     return train.evaluate(predict, train.merge_params(state.params, frozen), batches,
-                          data.vocab, mesh,
+                          data.vocab, mesh, local_batch=local_batch,
                           question_len=c.question_len, ablate_image=question_only,
                           limit=limit)
 

@@ -3,10 +3,12 @@ r"""Entry point: `python -m lfpr_jax.main --config=configs/<name>.py --workdir=D
     python -m lfpr_jax.main --config=configs/synthetic.py --workdir=/tmp/lfpr_synthetic
     python -m lfpr_jax.main --config=configs/synthetic.py --workdir=/tmp/lfpr_q --question_only
 
-Stages run today: data preparation (synthetic generation, ArrayRecord build) and the
-base model (trained from scratch on the synthetic benchmark when the workdir has none;
-skipped when `<workdir>/base_model` exists). The LFPR stages (t*, importance,
-selection, surgery, pseudo-labels, ReSt, evaluation) are the next milestone.
+Stages (each cached in the workdir and skipped when its output exists): data
+preparation (synthetic generation, ArrayRecord build), the base model (trained from
+scratch on the synthetic benchmark when the workdir has none, else
+`config.base_model`), then LFPR (`lfpr_jax.lfpr`): t*, importance, selection,
+surgery, pseudo-labels, ReSt and evaluation, ending with the results table.
+`--question_only` trains the image-blind ablation instead.
 
 On a cluster (SLURM, Cloud TPU, Kubernetes, or with JAX_COORDINATOR_ADDRESS set) every
 process runs this same command; `jax.distributed.initialize()` detects the cluster.
@@ -19,7 +21,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from lfpr_jax import finetune
+from lfpr_jax import finetune, lfpr
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -38,14 +40,33 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _quiet_library_logs() -> None:
+  """Keeps Orbax/TFDS/Grain INFO chatter out of the console (warnings still show)."""
+  import logging as pylogging  # noqa: PLC0415
+
+  class Quiet(pylogging.Filter):
+    def filter(self, record):
+      return record.levelno >= pylogging.WARNING or not any(
+          s in record.pathname for s in ("orbax", "tensorflow_datasets", "grain",
+                                         "jax/_src", "etils"))
+  logging.get_absl_handler().addFilter(Quiet())
+
+
 def main(argv):
   del argv
+  _quiet_library_logs()
   _maybe_initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  name = "question_only_model" if _QUESTION_ONLY.value else "base_model"
+  if not _QUESTION_ONLY.value:
+    rows = lfpr.run(config, workdir)
+    if jax.process_index() == 0:
+      print(lfpr.format_table(rows), end="")
+      print(f"(table and per-target JSON in {os.path.join(workdir, 'lfpr')})")
+    return
+  name = "question_only_model"
   summary_path = os.path.join(workdir, f"{name}.json")
   if os.path.exists(os.path.join(workdir, name, "arch.json")) and os.path.exists(
       summary_path):

@@ -9,7 +9,7 @@ over a `data` mesh by `make_train_step`), and greedy-decoding evaluation.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import flax
 import flax.struct
@@ -83,16 +83,23 @@ def group_of(path: str) -> str:
 def upstream_schedule(base_lr: float, *, warmup_steps: int = 1000,
                       warmup_factor: float = 0.2, decay_steps: Sequence[int] = (),
                       decay_ratio: float = 0.1) -> optax.Schedule:
-  """Pythia's schedule: linear warm-up from `warmup_factor`, then step decays."""
+  """Pythia's schedule: linear warm-up from `warmup_factor`, then step decays.
+
+  `warmup_steps <= 0` means no warm-up (upstream `use_warmup: false`).
+  """
   steps = sorted(int(s) for s in decay_steps)
+  if warmup_steps <= 0 and not steps:
+    return optax.constant_schedule(base_lr)  # ReSt: `use_warmup: false`, no decay
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
-    alpha = jnp.minimum(count / max(warmup_steps, 1), 1.0)
-    warm = warmup_factor * (1.0 - alpha) + alpha
     n_decays = sum((count >= s).astype(jnp.float32) for s in steps) if steps else 0.0
-    return base_lr * jnp.where(count <= warmup_steps, warm,
-                               decay_ratio ** n_decays)
+    decayed = decay_ratio ** n_decays
+    if warmup_steps <= 0:
+      return base_lr * decayed
+    alpha = jnp.minimum(count / warmup_steps, 1.0)
+    warm = warmup_factor * (1.0 - alpha) + alpha
+    return base_lr * jnp.where(count <= warmup_steps, warm, decayed)
   return schedule
 
 
@@ -144,15 +151,42 @@ def init_state(trainable: PyTree, tx: optax.GradientTransformation) -> TrainStat
                     opt_state=tx.init(trainable))
 
 
+def sharded_loss(scores: Array, targets: Array, loss_mask: Array, shards: int = 1
+                 ) -> Array:
+  """The M4C BCE normalised per shard of the batch, averaged over the shards.
+
+  `shards=1` normalises by the global number of supervised steps (clean); upstream's
+  DDP ReSt normalises on each GPU's 8 samples and averages the gradients (LFPR.md
+  §6.4), which `shards=2` on a batch of 16 reproduces.
+  """
+  if shards == 1:
+    return m4c_decoding_bce(scores, targets, loss_mask)
+  b = scores.shape[0]
+  if b % shards:
+    raise ValueError(f"batch {b} is not divisible into {shards} loss shards.")
+  split = lambda a: a.reshape((shards, b // shards) + a.shape[1:])
+  return jnp.mean(jax.vmap(m4c_decoding_bce)(split(scores), split(targets),
+                                              split(loss_mask)))
+
+
 def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
-               rng: Array, *, model: TAP, tx: optax.GradientTransformation
+               rng: Array, *, model: TAP, tx: optax.GradientTransformation,
+               loss_shards: int = 1, fixed_dropout_key: bool = False
                ) -> tuple[TrainState, dict[str, Array]]:
-  """One optimiser step on the M4C decoding BCE with dropout on (pure)."""
+  """One optimiser step on the M4C decoding BCE with dropout on (pure).
+
+  Only `state.params` (the trainable subtree) is differentiated, so the clipping norm
+  of `tx` sees trainable gradients only. `fixed_dropout_key` reuses `rng` at every
+  step (upstream re-seeds torch to 0 in every forward); otherwise the key is folded
+  with the step number.
+  """
+  dropout_rng = rng if fixed_dropout_key else jax.random.fold_in(rng, state.step)
+
   def loss_fn(trainable):
     scores = model.apply({"params": merge_params(trainable, frozen)}, batch,
-                         train=True,
-                         rngs={"dropout": jax.random.fold_in(rng, state.step)})
-    return m4c_decoding_bce(scores, batch["targets"], batch["train_loss_mask"])
+                         train=True, rngs={"dropout": dropout_rng})
+    return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
+                        loss_shards)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -161,12 +195,15 @@ def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh
+def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    loss_shards: int = 1, fixed_dropout_key: bool = False
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step` jitted over the mesh: batch sharded on `data`, the rest replicated."""
   rep = parallel.replicated(mesh)
   return jax.jit(
-      lambda s, f, b, r: train_step(s, f, b, r, model=model, tx=tx),
+      lambda s, f, b, r: train_step(s, f, b, r, model=model, tx=tx,
+                                    loss_shards=loss_shards,
+                                    fixed_dropout_key=fixed_dropout_key),
       in_shardings=(rep, rep, parallel.data_sharded(mesh), rep),
       out_shardings=(rep, rep), donate_argnums=(0,))
 
@@ -199,8 +236,56 @@ def question_only(batch: Mapping[str, Any], question_len: int) -> dict[str, Any]
   return out
 
 
+def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, np.ndarray]:
+  """Numeric fields padded to `size` rows (repeating the last row, loss mask 0)."""
+  out = {}
+  for k, v in batch.items():
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+      pad = size - len(v)
+      if pad < 0:
+        raise ValueError(f"batch of {len(v)} rows exceeds the padded size {size}.")
+      if pad:
+        fill = np.zeros_like(v[-1:]) if k == "train_loss_mask" else v[-1:]
+        v = np.concatenate([v, np.repeat(fill, pad, 0)])
+      out[k] = v
+  return out
+
+
+def predict_batches(predict: Callable[..., Array], params: PyTree,
+                    batches: Iterable[Mapping], mesh: Mesh, *, local_batch: int,
+                    num_batches: Optional[int] = None,
+                    transform: Optional[Callable[[Mapping], Mapping]] = None
+                    ) -> Iterator[tuple[Mapping, np.ndarray]]:
+  """Runs `predict` over this process's batches; yields (batch, its output rows).
+
+  Every batch is padded to `local_batch` rows (one compiled shape). On several
+  processes `num_batches` (the same on all) keeps the collective calls in step when a
+  process's shard runs out one batch early: it feeds a padding batch and yields
+  nothing for it.
+  """
+  it = iter(batches)
+  p = jax.process_index()
+  last = None
+  i = 0
+  while num_batches is None or i < num_batches:
+    batch = next(it, None)
+    if batch is None:
+      if num_batches is None or last is None:
+        break
+      feed, rows = last, 0
+    else:
+      model_batch = transform(batch) if transform is not None else batch
+      feed, rows = pad_batch(model_batch, local_batch), len(batch["question_id"])
+      last = feed
+    out = np.asarray(predict(params, parallel.global_batch(feed, mesh)))
+    if rows:
+      yield batch, out[p * local_batch:p * local_batch + rows]
+    i += 1
+
+
 def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Mapping],
-             vocab: Any, mesh: Mesh, *, question_len: Optional[int] = None,
+             vocab: Any, mesh: Mesh, *, local_batch: int,
+             num_batches: Optional[int] = None, question_len: Optional[int] = None,
              ablate_image: bool = False, limit: Optional[int] = None
              ) -> dict[str, Any]:
   """TextVQA accuracy (EvalAI-normalised, 10-choose-9) of greedy predictions.
@@ -208,35 +293,37 @@ def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Ma
   Args:
     predict: `make_predict(...)`.
     params: model parameters (replicated).
-    batches: batches with model fields plus `context_tokens` and `answers` strings.
+    batches: this process's batches with model fields plus `context_tokens` and
+      `answers` strings.
     vocab: the `AnswerVocab` (maps indices to words).
     mesh: the device mesh.
+    local_batch: rows per process per step (batches are padded to it).
+    num_batches: see `predict_batches` (needed on several processes).
     question_len, ablate_image: evaluate the question-only ablation.
-    limit: stop after this many examples.
+    limit: stop after this many examples (per process).
 
   Returns:
-    {"accuracy": mean over examples, "num_examples": n, "predictions": [...]}.
+    {"accuracy": mean over all processes' examples, "num_examples": n (all
+    processes), "predictions": this process's [{question_id, answer}]}.
   """
   from lfpr_jax.data.answers import decode_answers  # noqa: PLC0415
   from lfpr_jax.data.pipeline import decode_strings  # noqa: PLC0415
   from lfpr_jax.metrics import textvqa_accuracy  # noqa: PLC0415
-  n_dev = mesh.devices.size
+  transform = ((lambda b: question_only(b, question_len)) if ablate_image else None)
   scores, preds = [], []
-  for batch in batches:
-    if ablate_image:
-      batch = question_only(batch, question_len)
-    b = len(batch["cmb_text"])
-    pad = (-b) % n_dev  # the last eval batch may not divide the devices
-    padded = {k: (np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v)
-              for k, v in batch.items() if isinstance(v, np.ndarray)
-              and v.dtype.kind in "biuf"}
-    idx = np.asarray(predict(params, parallel.global_batch(padded, mesh)))[:b]
+  for batch, idx in predict_batches(predict, params, batches, mesh,
+                                    local_batch=local_batch, num_batches=num_batches,
+                                    transform=transform):
     tokens = [decode_strings(t) for t in batch["context_tokens"]]
     answers = [decode_strings(a) for a in batch["answers"]]
     for i, (ans, _) in enumerate(decode_answers(idx, vocab, tokens)):
       scores.append(textvqa_accuracy(ans, answers[i]))
       preds.append({"question_id": int(batch["question_id"][i]), "answer": ans})
-    if limit is not None and len(scores) >= limit:
+    if limit is not None and len(scores) >= limit and num_batches is None:
       break
-  return {"accuracy": float(np.mean(scores)) if scores else float("nan"),
-          "num_examples": len(scores), "predictions": preds}
+  total = np.array([float(np.sum(scores)), float(len(scores))])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    total = np.asarray(multihost_utils.process_allgather(total)).reshape(-1, 2).sum(0)
+  return {"accuracy": float(total[0] / total[1]) if total[1] else float("nan"),
+          "num_examples": int(total[1]), "predictions": preds}

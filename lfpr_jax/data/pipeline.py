@@ -76,6 +76,24 @@ def shard_bounds(num_records: int, options: grain.sharding.ShardOptions
   return start, start + size + (1 if i < rest else 0)
 
 
+class Subset:
+  """The records `indices` of a random-access source, as a random-access source."""
+
+  def __init__(self, source: Sequence[Mapping[str, Any]], indices: Sequence[int]):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64).reshape(-1)
+    n = len(source)
+    if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= n):
+      raise ValueError(f"subset indices must lie in [0, {n}), got "
+                       f"[{self._indices.min()}, {self._indices.max()}].")
+
+  def __len__(self) -> int:
+    return int(self._indices.size)
+
+  def __getitem__(self, i: int) -> Mapping[str, Any]:
+    return self._source[int(self._indices[i])]
+
+
 class PrepareExample(grain.transforms.Map):
   """Per-record cleanup: numpy leaves, strings as object arrays of UTF-8 `bytes`."""
 
@@ -99,7 +117,9 @@ def make_loader(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: 
                 num_epochs: int | None = 1, drop_remainder: bool = True,
                 shard_index: int | None = None, shard_count: int | None = None,
                 worker_count: int = 0, prefetch: int = 2, read_threads: int = 2,
-                dataset: str | None = None) -> grain.DatasetIterator:
+                dataset: str | None = None, indices: Sequence[int] | None = None,
+                transforms: Sequence[grain.transforms.Map] = ()
+                ) -> grain.DatasetIterator:
   """An iterator of batches of one split, for this process's shard.
 
   Args:
@@ -119,6 +139,10 @@ def make_loader(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: 
     prefetch: batches prepared ahead of the consumer.
     read_threads: threads reading and batching in the background.
     dataset: see `open_source`.
+    indices: read only these records of the split (in this order, before sharding
+      and shuffling), e.g. a seeded subset of the training questions.
+    transforms: per-example maps applied after `PrepareExample` (e.g. pseudo-label
+      targets).
 
   Returns:
     A `grain.DatasetIterator` of dicts of numpy arrays with `get_state()` /
@@ -140,6 +164,8 @@ def make_loader(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: 
                                         shard_count=shard_count,
                                         drop_remainder=drop_remainder)
   data = open_source(source, split, dataset=dataset)
+  if indices is not None:
+    data = Subset(data, indices)
   start, end = shard_bounds(len(data), options)
   if end - start < (batch_size if drop_remainder else 1):
     raise ValueError(f"shard {shard_index}/{shard_count} of split {split!r} has "
@@ -150,7 +176,10 @@ def make_loader(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: 
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(PrepareExample()).batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.map(PrepareExample())
+  for transform in transforms:
+    ds = ds.map(transform)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=prefetch))
   if worker_count > 0:

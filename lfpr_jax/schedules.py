@@ -1,0 +1,68 @@
+"""Upstream's adaptive ReSt schedules as data (LFPR.md §6.7) and config defaults.
+
+Each schedule maps a pruning target to (retraining subset %, trainable trailing MMT
+layers k): a constraint c for the "sum" heuristic, a percentile p for "thre". The
+smaller the kept fraction, the more data and layers are retrained.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+Schedule = tuple[tuple[float, float, int], ...]
+
+# (constraint, retrain %, k) - LFPR: scripts/tap_pruning/*/prune_*.sh
+SUM: dict[tuple[str, str], Schedule] = {
+    ("tap", "textvqa"): ((0.2, 100, 3), (0.3, 86, 2), (0.4, 73, 2), (0.5, 60, 1),
+                         (0.6, 10, 0), (0.7, 10, 0), (0.8, 10, 0), (0.9, 10, 0)),
+    ("tap", "stvqa"): ((0.3, 100, 3), (0.4, 90, 3), (0.5, 80, 2), (0.6, 70, 2),
+                       (0.7, 60, 1), (0.8, 10, 0), (0.9, 10, 0)),
+    ("tap12", "textvqa"): ((0.2, 100, 9), (0.3, 80, 6), (0.4, 60, 3), (0.5, 10, 0),
+                           (0.6, 10, 0), (0.7, 10, 0), (0.8, 10, 0), (0.9, 10, 0)),
+    ("tap12", "stvqa"): ((0.3, 100, 9), (0.4, 60, 3), (0.5, 10, 0), (0.6, 10, 0),
+                         (0.7, 10, 0), (0.8, 10, 0), (0.9, 10, 0)),
+}
+# (percentile, retrain %, k)
+THRE: dict[tuple[str, str], Schedule] = {
+    ("tap", "textvqa"): ((10, 10, 0), (30, 10, 0), (50, 60, 1), (70, 80, 2),
+                         (90, 100, 3)),
+    ("tap", "stvqa"): ((10, 10, 0), (30, 10, 0), (50, 10, 0), (70, 73, 2),
+                       (90, 100, 3)),
+    ("tap12", "textvqa"): ((10, 10, 0), (30, 10, 0), (50, 10, 0), (70, 60, 3),
+                           (90, 100, 9)),
+    ("tap12", "stvqa"): ((10, 10, 0), (30, 10, 0), (50, 10, 0), (70, 10, 0),
+                         (90, 100, 9)),
+}
+
+
+def prune_section(**overrides) -> ml_collections.ConfigDict:
+  """`config.prune`: scoring and selection (upstream defaults, LFPR.md §2-4)."""
+  section = ml_collections.ConfigDict(dict(
+      heuristic="sum",           # "sum" (constraints) or "thre" (percentiles)
+      constraints=(0.4,),        # kept fraction of the MMT encoder parameters
+      percentiles=(50,),         # for "thre"
+      strict_budget=False,       # cap the head count so heads alone fit the budget
+      num_samples=3000,          # scoring questions drawn from the training split
+      sample_seed=0,
+      batch_size=8,              # scoring batch per step (a multiple of group_size)
+      group_size=8,              # upstream's scoring batch: per-batch squares
+      per_sample=False,          # select on sum_i g_i^2 instead of sum_b G_b^2
+      dropout=False,             # faithful: dropout on while scoring
+      tstar_batch_search=False,  # faithful quirk: first hit over the whole batch
+      t_star=-1,                 # >= 0: skip the search and use this step
+  ))
+  section.update(overrides)
+  return section
+
+
+def rest_section(model: str, dataset: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.rest`: ReSt retraining (LFPR.md §6) with the schedule of (model, dataset)."""
+  section = ml_collections.ConfigDict(dict(
+      schedule=SUM[(model, dataset)], thre_schedule=THRE[(model, dataset)],
+      lr=5e-5, mask_lr=1e-3, clip_norm=0.25, batch_size=16,
+      loss_shards=1,             # faithful: 2 (two GPUs of 8, losses averaged)
+      fixed_dropout_key=False,   # faithful: True (torch re-seeded every forward)
+      seed=0, subset_seed=0, ckpt_every=100,
+  ))
+  section.update(overrides)
+  return section
