@@ -16,7 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,7 +43,7 @@ def check_output_dir(path: str, *, overwrite: bool = False) -> None:
 
 
 def save_model(path: str, config: TapConfig, params: PyTree, *,
-               overwrite: bool = False, extra: Optional[Mapping[str, Any]] = None
+               overwrite: bool = False, extra: Mapping[str, Any] | None = None
                ) -> None:
   """Writes `params` (validated against `config`) and `arch.json` to `path`."""
   check_params(params, config)
@@ -96,8 +97,9 @@ def load_model(path: str) -> tuple[TapConfig, PyTree]:
 
 def params_sha256(params: PyTree) -> str:
   """SHA-256 over every leaf (path, dtype, shape, float32 bytes) in sorted path order."""
-  import hashlib  # noqa: PLC0415
-  import flax  # noqa: PLC0415
+  import hashlib
+
+  import flax
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   h = hashlib.sha256()
   for path in sorted(flat):
@@ -124,7 +126,7 @@ MASKS_FILE = "selection_masks.npz"
 
 def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
                head_mask: np.ndarray, ffn_mask: np.ndarray, base_sha256: str,
-               overwrite: bool = False, extra: Optional[Mapping[str, Any]] = None
+               overwrite: bool = False, extra: Mapping[str, Any] | None = None
                ) -> None:
   """Writes a ReSt delta: only the retrained tensors, the selection and the base hash.
 
@@ -166,7 +168,7 @@ def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:
   Raises:
     ValueError: the base model is not the one the delta was made from (hash mismatch).
   """
-  from lfpr_jax import surgery, train  # noqa: PLC0415  (avoid an import cycle)
+  from lfpr_jax import surgery, train
   with open(os.path.join(path, DELTA_FILE)) as f:
     meta = json.load(f)
   if meta.get("format") != DELTA_FORMAT:
@@ -207,7 +209,7 @@ def train_manager(directory: str) -> ocp.CheckpointManager:
 def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTree,
                           loader: Any) -> None:
   """Saves the train state and the Grain iterator position at `step`."""
-  import grain  # noqa: PLC0415
+  import grain
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(jax.device_get(state)),
       loader=grain.checkpoint.CheckpointSave(loader)))
@@ -217,7 +219,7 @@ def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTr
 def restore_train_checkpoint(manager: ocp.CheckpointManager, step: int,
                              abstract_state: PyTree, loader: Any) -> PyTree:
   """Restores the train state (returned) and the iterator position (in place)."""
-  import grain  # noqa: PLC0415
+  import grain
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       loader=grain.checkpoint.CheckpointRestore(loader)))

@@ -1,4 +1,4 @@
-"""Label-free importance of heads and FFN neurons (LFPR.md §2-3).
+r"""Label-free importance of heads and FFN neurons (LFPR.md §2-3).
 
 * **t\*** (§2.3): greedy-decode the unpruned model (eval mode) over the sample set; for
   each sample the decoding step holding its largest logit (first occurrence in (t, c)
@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def first_max_steps(scores: Array, *, batch_search: bool = False) -> Array:
 
 
 def t_star_of(steps: np.ndarray, decode_steps: int) -> int:
-  """t\* = int(numpy's linear-interpolated median of the per-sample steps)."""
+  r"""t\* = int(numpy's linear-interpolated median of the per-sample steps)."""
   steps = np.asarray(steps)
   if steps.size == 0:
     raise ValueError("t* needs at least one sample.")
@@ -101,8 +102,8 @@ def mask_shapes(config: TapConfig) -> tuple[tuple[int, int], tuple[int, int]]:
 def max_logit_objective(model: TAP, params: PyTree, inputs: Mapping[str, Array],
                         head_mask: Array, ffn_mask: Array, weights: Array, *,
                         t_star: int, bos_index: int, train: bool = False,
-                        rng: Optional[Array] = None) -> Array:
-  """sum_i w_i max_c scores_i[t\*, c] of greedy decoding with the given masks.
+                        rng: Array | None = None) -> Array:
+  r"""sum_i w_i max_c scores_i[t\*, c] of greedy decoding with the given masks.
 
   `weights` (1 for real samples, 0 for padding) keeps padded rows of a partial last
   batch out of the objective.
@@ -199,8 +200,8 @@ class Importance:
   """
   head: np.ndarray
   ffn: np.ndarray
-  head_per_sample: Optional[np.ndarray]
-  ffn_per_sample: Optional[np.ndarray]
+  head_per_sample: np.ndarray | None
+  ffn_per_sample: np.ndarray | None
   t_star: int
   group_size: int
   num_samples: int
@@ -230,7 +231,7 @@ class Importance:
       raise
 
   @classmethod
-  def load(cls, path: str) -> "Importance":
+  def load(cls, path: str) -> Importance:
     with np.load(path) as d:
       get = lambda k: d[k] if k in d else None
       return cls(head=d["head"], ffn=d["ffn"], head_per_sample=get("head_per_sample"),
@@ -254,8 +255,8 @@ class ImportanceAccumulator:
     self.group_size = group_size
     self.head = np.zeros(head_shape, np.float64)
     self.ffn = np.zeros(ffn_shape, np.float64)
-    self.head_ps: Optional[np.ndarray] = np.zeros(head_shape, np.float64)
-    self.ffn_ps: Optional[np.ndarray] = np.zeros(ffn_shape, np.float64)
+    self.head_ps: np.ndarray | None = np.zeros(head_shape, np.float64)
+    self.ffn_ps: np.ndarray | None = np.zeros(ffn_shape, np.float64)
     self._open_h = np.zeros(head_shape, np.float64)  # the unfinished group
     self._open_f = np.zeros(ffn_shape, np.float64)
     self._open_n = 0

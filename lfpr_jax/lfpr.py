@@ -28,7 +28,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,17 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from lfpr_jax import (checkpointing, finetune, importance, parallel, pseudo_labels,
-                      rest, selection, surgery, train)
+from lfpr_jax import (
+  checkpointing,
+  finetune,
+  importance,
+  parallel,
+  pseudo_labels,
+  rest,
+  selection,
+  surgery,
+  train,
+)
 from lfpr_jax.data.pipeline import make_loader, open_source
 from lfpr_jax.decoding import greedy_decode
 from lfpr_jax.models.config import TapConfig

@@ -17,8 +17,8 @@ process runs this same command; `jax.distributed.initialize()` detects the clust
 import json
 import os
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lfpr_jax import finetune, lfpr
@@ -42,7 +42,7 @@ def _maybe_initialize_distributed() -> None:
 
 def _quiet_library_logs() -> None:
   """Keeps Orbax/TFDS/Grain INFO chatter out of the console (warnings still show)."""
-  import logging as pylogging  # noqa: PLC0415
+  import logging as pylogging
 
   class Quiet(pylogging.Filter):
     def filter(self, record):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -61,7 +62,7 @@ class PseudoLabels:
       raise
 
   @classmethod
-  def load(cls, path: str) -> "PseudoLabels":
+  def load(cls, path: str) -> PseudoLabels:
     with np.load(path) as d:
       return cls(question_ids=d["question_ids"], indices=d["indices"])
 

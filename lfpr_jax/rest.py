@@ -22,7 +22,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -81,8 +82,8 @@ def upstream_iterations(num_examples: int, *, gpus: int = 2, per_gpu: int = 8) -
 def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: str,
             indices: np.ndarray, transforms: Sequence[grain.transforms.Map],
             settings: RestSettings, directory: str, mesh: Mesh, rng: jax.Array,
-            progress: bool = True, log: Optional[Callable[[dict], None]] = None,
-            stop_after: Optional[int] = None) -> tuple[PyTree, dict[str, Any]]:
+            progress: bool = True, log: Callable[[dict], None] | None = None,
+            stop_after: int | None = None) -> tuple[PyTree, dict[str, Any]]:
   """One epoch of ReSt on `indices` of `split`; resumes from `<directory>/ckpt`.
 
   Args:

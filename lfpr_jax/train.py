@@ -9,7 +9,8 @@ over a `data` mesh by `make_train_step`), and greedy-decoding evaluation.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.struct
@@ -105,9 +106,9 @@ def upstream_schedule(base_lr: float, *, warmup_steps: int = 1000,
 
 def make_optimizer(trainable_params: PyTree, *, lr: float, warmup_steps: int = 1000,
                    warmup_factor: float = 0.2, decay_steps: Sequence[int] = (),
-                   decay_ratio: float = 0.1, clip_norm: Optional[float] = 0.25,
-                   group_scales: Optional[Mapping[str, float]] = None,
-                   mask_lr: Optional[float] = None, eps: float = 1e-8
+                   decay_ratio: float = 0.1, clip_norm: float | None = 0.25,
+                   group_scales: Mapping[str, float] | None = None,
+                   mask_lr: float | None = None, eps: float = 1e-8
                    ) -> optax.GradientTransformation:
   """Adam with upstream parameter groups, global-norm clipping of the trained grads.
 
@@ -253,8 +254,8 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, np.ndarray]:
 
 def predict_batches(predict: Callable[..., Array], params: PyTree,
                     batches: Iterable[Mapping], mesh: Mesh, *, local_batch: int,
-                    num_batches: Optional[int] = None,
-                    transform: Optional[Callable[[Mapping], Mapping]] = None
+                    num_batches: int | None = None,
+                    transform: Callable[[Mapping], Mapping] | None = None
                     ) -> Iterator[tuple[Mapping, np.ndarray]]:
   """Runs `predict` over this process's batches; yields (batch, its output rows).
 
@@ -285,8 +286,8 @@ def predict_batches(predict: Callable[..., Array], params: PyTree,
 
 def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Mapping],
              vocab: Any, mesh: Mesh, *, local_batch: int,
-             num_batches: Optional[int] = None, question_len: Optional[int] = None,
-             ablate_image: bool = False, limit: Optional[int] = None
+             num_batches: int | None = None, question_len: int | None = None,
+             ablate_image: bool = False, limit: int | None = None
              ) -> dict[str, Any]:
   """TextVQA accuracy (EvalAI-normalised, 10-choose-9) of greedy predictions.
 
@@ -306,9 +307,9 @@ def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Ma
     {"accuracy": mean over all processes' examples, "num_examples": n (all
     processes), "predictions": this process's [{question_id, answer}]}.
   """
-  from lfpr_jax.data.answers import decode_answers  # noqa: PLC0415
-  from lfpr_jax.data.pipeline import decode_strings  # noqa: PLC0415
-  from lfpr_jax.metrics import textvqa_accuracy  # noqa: PLC0415
+  from lfpr_jax.data.answers import decode_answers
+  from lfpr_jax.data.pipeline import decode_strings
+  from lfpr_jax.metrics import textvqa_accuracy
   transform = ((lambda b: question_only(b, question_len)) if ablate_image else None)
   scores, preds = [], []
   for batch, idx in predict_batches(predict, params, batches, mesh,
@@ -323,7 +324,7 @@ def evaluate(predict: Callable[..., Array], params: PyTree, batches: Iterable[Ma
       break
   total = np.array([float(np.sum(scores)), float(len(scores))])
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
+    from jax.experimental import multihost_utils
     total = np.asarray(multihost_utils.process_allgather(total)).reshape(-1, 2).sum(0)
   return {"accuracy": float(total[0] / total[1]) if total[1] else float("nan"),
           "num_examples": int(total[1]), "predictions": preds}

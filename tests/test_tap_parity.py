@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.torch_to_flax import infer_config, state_dict_to_params
+from converters.torch_to_flax import (PRETRAIN_PREFIXES, infer_config,
+                                      params_to_state_dict, state_dict_to_params)
 from lfpr_jax.batch import model_inputs
 from lfpr_jax.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.losses import m4c_decoding_bce
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.surgery import prune
 from tests.conftest import GOLDEN, golden_state_dict
 
 SCORE_ATOL = 1e-4
@@ -220,32 +222,6 @@ def test_lfpr_mask_gradients(arch, variant):
                       f"per-sample ffn Fisher t={t}")
 
 
-def upstream_create_pruned_model(sd, head_mask, ffn_mask, head_dim=64):
-  """numpy transcription of LFPR's `create_pruned_model` (LFPR.md §5.2-5.3).
-
-  Kept heads/neurons in ascending original order; Q/K/V rows and output-dense
-  columns of kept heads, intermediate rows and output columns of kept neurons;
-  learnable masks at ones (`[1, h, 1, 1]` and `[f]`). Everything else is copied.
-  """
-  out = dict(sd)
-  for l in range(head_mask.shape[0]):
-    base = f"mmt.encoder.layer.{l}."
-    heads = np.flatnonzero(head_mask[l])
-    rows = (heads[:, None] * head_dim + np.arange(head_dim)[None]).reshape(-1)
-    neurons = np.flatnonzero(ffn_mask[l])
-    for n in ("query", "key", "value"):
-      out[base + f"attention.self.{n}.weight"] = sd[base + f"attention.self.{n}.weight"][rows]
-      out[base + f"attention.self.{n}.bias"] = sd[base + f"attention.self.{n}.bias"][rows]
-    w = sd[base + "attention.output.dense.weight"]
-    out[base + "attention.output.dense.weight"] = w[:, rows]
-    out[base + "intermediate.dense.weight"] = sd[base + "intermediate.dense.weight"][neurons]
-    out[base + "intermediate.dense.bias"] = sd[base + "intermediate.dense.bias"][neurons]
-    out[base + "output.dense.weight"] = sd[base + "output.dense.weight"][:, neurons]
-    out[base + "attention.self.head_mask.mask"] = np.ones((1, len(heads), 1, 1), np.float32)
-    out[base + "intermediate.ffn_mask.mask"] = np.ones((len(neurons),), np.float32)
-  return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pruned_model_of_pruning_json(arch):
   """The pruned model (constraint 0.4, some layers with 0 heads) equals upstream,
@@ -257,13 +233,14 @@ def test_pruned_model_of_pruning_json(arch):
   np.testing.assert_array_equal(head_mask.sum(1), meta["sum"]["0.4"]["cfg_head"])
   np.testing.assert_array_equal(ffn_mask.sum(1), meta["sum"]["0.4"]["cfg_ffn"])
 
-  sd = upstream_create_pruned_model(g.state_dict, head_mask, ffn_mask)
-  shapes = {k: list(v.shape) for k, v in sd.items()}
-  assert shapes == meta["pruned_state_dict_shapes"]
-  config = infer_config(sd)
+  # Surgery on the Flax tree (tests/test_surgery.py checks it against a transcription
+  # of upstream's create_pruned_model tensor by tensor).
+  params, config = prune(g.params, g.config, head_mask, ffn_mask)
+  shapes = {k: list(v.shape) for k, v in params_to_state_dict(params, config).items()}
+  assert shapes == {k: v for k, v in meta["pruned_state_dict_shapes"].items()
+                    if not k.startswith(PRETRAIN_PREFIXES)}
   assert list(config.mmt_heads) == meta["sum"]["0.4"]["cfg_head"]
   assert config.learnable_masks
-  params = state_dict_to_params(sd, config)
   model = TAP(config)
 
   tf = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g.inputs)
@@ -302,10 +279,8 @@ def test_pruned_layer_without_heads_equals_masking():
   pruning = np.load(GOLDEN / "tap" / "pruning.npz")
   head_mask, ffn_mask = pruning["sum_0.2_head_mask"], pruning["sum_0.2_ffn_mask"]
   assert (head_mask.sum(1) == 0).any()
-  sd = upstream_create_pruned_model(g.state_dict, head_mask, ffn_mask)
-  config = infer_config(sd)
+  params, config = prune(g.params, g.config, head_mask, ffn_mask)
   assert 0 in config.mmt_heads
-  params = state_dict_to_params(sd, config)
   model = TAP(config)
   pruned = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, g.inputs)
   masked = jax.jit(lambda p, x, h, f: greedy_decode(g.model, {"params": p}, x,
