@@ -115,6 +115,19 @@ def test_thre_reproduces_upstream(arch):
     assert sel.mmt_params == want["kept_encoder_params"]
 
 
+def test_config_of_a_custom_model():
+  """Scores of a model whose MMT is narrower than text-BERT: budget = its own size."""
+  config = TapConfig(arch="custom", hidden_size=64, head_dim=32, text_heads=2,
+                     text_ffn=32, mmt_heads=(2, 2), mmt_ffn=(16, 16))
+  rng = np.random.default_rng(1)
+  head, ffn = rng.random((2, 2)) * 10, rng.random((2, 16))
+  sel = select_sum(head, ffn, 0.5, config=config)
+  assert sel.full_params == mmt_params(config) == 2 * layer_params(config, 2, 16)
+  assert sel.charged_params <= sel.budget == 0.5 * sel.full_params
+  assert sel.heads >= 1 and sel.ffn_mask.shape == (2, 16)
+  assert select_thre(head, ffn, 50, config=config).full_params == sel.full_params
+
+
 def test_some_golden_layer_has_no_heads():
   npz, _ = golden_pruning("tap")
   sel = select_sum(npz["head_importance"], npz["ffn_importance"], 0.2)  # TAP default
@@ -309,6 +322,8 @@ def test_bad_input():
       fn(head, ffn, arg, config=TAP12)
     with pytest.raises(ValueError, match="do not match the tap config"):
       fn(head[:, :8], ffn, arg, config=TAP)
+    with pytest.raises(ValueError, match="all have the same width"):
+      fn(head, ffn, arg, config=TAP.pruned((12, 12, 12, 11), (3072,) * 4))
     with pytest.raises(ValueError, match="numeric"):
       fn(head > 1, ffn, arg)
     with pytest.raises(ValueError, match="not both"):
