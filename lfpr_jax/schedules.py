@@ -66,3 +66,46 @@ def rest_section(model: str, dataset: str, **overrides) -> ml_collections.Config
   ))
   section.update(overrides)
   return section
+
+
+MODEL_FIELDS = {
+    "tap": dict(arch="tap", text_bert_layers=3, mmt_heads=(12,) * 4,
+                mmt_ffn=(3072,) * 4),
+    "tap12": dict(arch="tap12", text_bert_layers=0, mmt_heads=(12,) * 12,
+                  mmt_ffn=(3072,) * 12),
+}
+
+
+def real_data_config(model: str, dataset: str, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """The LFPR run of upstream's `prune_<model>_<dataset>.sh` on the real data.
+
+  Args:
+    model: "tap" or "tap12".
+    dataset: "textvqa" or "stvqa".
+    arg: config-file argument: "" (the constraint grid of the upstream script), a
+      constraint like "0.4", or "thre" (the percentile grid).
+  """
+  if (model, dataset) not in SUM:
+    raise ValueError(f"no upstream schedule for {model} on {dataset}.")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = ml_collections.ConfigDict(dict(
+      dataset=dataset,
+      root="",        # the TAP data release; default <workdir>/data/<dataset>
+      built_dir="",   # ArrayRecord output; default <workdir>/tfds
+      splits=("train", "val")))
+  # Shapes of the converted checkpoint (python -m converters.torch_to_flax).
+  config.model = ml_collections.ConfigDict(MODEL_FIELDS[model])
+  config.base_model = ""  # the converted fine-tuned checkpoint directory (required)
+  constraints = tuple(c for c, _, _ in SUM[(model, dataset)])
+  config.prune = prune_section(constraints=constraints,
+                               percentiles=tuple(p for p, _, _ in THRE[(model, dataset)]))
+  if arg == "thre":
+    config.prune.heuristic = "thre"
+  elif arg:
+    config.prune.constraints = (float(arg),)
+  config.rest = rest_section(model, dataset)
+  config.eval = ml_collections.ConfigDict(dict(batch_size=32))
+  config.progress = True
+  return config

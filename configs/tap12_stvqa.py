@@ -1,0 +1,20 @@
+r"""LFPR on TAP12 (TAP with OCR-CC pre-training, 12 MMT layers), stvqa (upstream `prune_tap12_stvqa.sh`).
+
+    python -m converters.torch_to_flax --checkpoint stvqa_tap_ocrcc_best.ckpt --out models/tap12_stvqa
+    python -m lfpr_jax.main --config=configs/tap12_stvqa.py \
+        --config.base_model=models/tap12_stvqa --config.data.root=/data/stvqa \
+        --workdir=runs/tap12_stvqa
+
+`--config=configs/tap12_stvqa.py:0.4` runs one constraint, `:thre` the percentile
+grid. The data directory is the TAP data release in its upstream layout (README,
+"Real data"). Stages, their outputs and the schedule of (retrain %, k) per constraint
+are described in lfpr_jax/lfpr.py and lfpr_jax/schedules.py (LFPR.md §6.7).
+"""
+
+import ml_collections
+
+from lfpr_jax import schedules
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return schedules.real_data_config("tap12", "stvqa", arg)
