@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -146,6 +147,7 @@ def check_workdir(config: ml_collections.ConfigDict, stage_dir: str) -> None:
 def cached_json(path: str, compute: Callable[[], dict]) -> dict:
   """Loads `path`, or computes, times and writes it (process 0)."""
   if os.path.exists(path):
+    logging.info("reusing %s", path)
     with open(path) as f:
       return json.load(f)
   t0 = time.time()
@@ -439,6 +441,7 @@ def run_target(target: Target, *, config, stage_dir, data, base_config, base_par
   d = os.path.join(stage_dir, target.name)
   result_path = os.path.join(d, "result.json")
   if os.path.exists(result_path):
+    logging.info("reusing %s", result_path)
     with open(result_path) as f:
       return json.load(f)
   is_main = jax.process_index() == 0

@@ -16,6 +16,7 @@ process runs this same command; `jax.distributed.initialize()` detects the clust
 
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -61,7 +62,10 @@ def main(argv):
                jax.devices()[0].platform)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not _QUESTION_ONLY.value:
-    rows = lfpr.run(config, workdir)
+    try:
+      rows = lfpr.run(config, workdir)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message
+      sys.exit(f"lfpr_jax: error: {e}")
     if jax.process_index() == 0:
       print(lfpr.format_table(rows), end="")
       print(f"(table and per-target JSON in {os.path.join(workdir, 'lfpr')})")

@@ -1,29 +1,52 @@
-"""End-to-end smoke test: the `:tiny` synthetic config through lfpr_jax.main."""
+"""End-to-end: `python -m lfpr_jax.main --config=configs/synthetic.py:tiny` runs every
+stage (data, base model, t*, importance, selection, surgery, pseudo-labels, ReSt,
+evaluation), prints the table, and a second run reuses every stage."""
 
 import json
 import subprocess
 import sys
 
-from lfpr_jax import checkpointing
+import numpy as np
+
+from lfpr_jax import checkpointing, train
 from tests.conftest import REPO
 
 
-def test_main_tiny_trains_saves_and_reuses(tmp_path):
+def _main(workdir, *extra):
   cmd = [sys.executable, "-m", "lfpr_jax.main", "--config=configs/synthetic.py:tiny",
-         f"--workdir={tmp_path}"]
+         f"--workdir={workdir}", *extra]
   env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
-                       timeout=600)
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
+                        timeout=900)
+
+
+def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
+  out = _main(tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "base_model: val accuracy" in out.stdout
+  assert "| sum_0.4 |" in out.stdout and "retention" in out.stdout
   summary = json.loads((tmp_path / "base_model.json").read_text())
   assert summary["steps"] == 6 and summary["val_examples"] == 64
-  losses = [json.loads(l)["loss"] for l in
-            (tmp_path / "base_model_metrics.jsonl").read_text().splitlines()]
-  assert len(losses) >= 4
-  config, params = checkpointing.load_model(str(tmp_path / "base_model"))
-  assert config.mmt_heads == (2,) and config.num_answers > 4
-  # A second run reuses the base model instead of training again.
-  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
-                         timeout=600)
-  assert again.returncode == 0 and "reusing" in again.stderr
+  row = json.loads((tmp_path / "lfpr" / "results.jsonl").read_text().splitlines()[0])
+  assert 0.3 < row["mmt_kept_fraction"] <= 0.41
+  assert row["rest_examples"] == round(0.73 * 192)
+  assert row["rest_steps"] == -(-row["rest_examples"] // 16)
+  assert row["delta_checkpoint_mb"] < row["full_checkpoint_mb"]
+  assert (tmp_path / "lfpr" / "sum_0.4" / "cfg.txt").read_text().count("\n") == 2
+  # The delta plus the base model rebuild the saved retrained model exactly.
+  config, params = checkpointing.load_model(str(tmp_path / "lfpr" / "sum_0.4" / "model"))
+  dconfig, dparams = checkpointing.load_delta(str(tmp_path / "lfpr" / "sum_0.4" / "delta"),
+                                              str(tmp_path / "base_model"))
+  assert dconfig == config and config.learnable_masks
+  for k, v in train.flat(params).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(train.flat(dparams)[k]),
+                                  err_msg=k)
+  # A second run reuses every stage and prints the same table.
+  again = _main(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  table = lambda text: text[text.index("| target"):]
+  assert table(again.stdout) == table(out.stdout)
+  assert "reusing" in again.stderr and "ReSt" not in again.stderr
+  # A different config in the same workdir is refused with one clear message.
+  bad = _main(tmp_path, "--config.rest.lr=0.1")
+  assert bad.returncode != 0 and "different config" in bad.stderr
+  assert "Traceback" not in bad.stderr
