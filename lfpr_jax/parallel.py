@@ -39,6 +39,30 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
                      f"{n} devices of the mesh.")
 
 
+def process_rows(global_batch_size: int, mesh: Mesh) -> slice:
+  """The rows of a `data`-sharded global batch that this process's devices hold.
+
+  `global_batch` places a process's local batch on exactly these rows, so a loader
+  that gives each process these rows of every global batch reproduces the global
+  batches of a single-process run (`pipeline.global_batch_positions`).
+
+  Raises:
+    ValueError: the process's rows are not one contiguous block (a mesh whose
+      devices interleave processes along `data`).
+  """
+  check_batch_size(global_batch_size, mesh)
+  rows = set()
+  for index in data_sharded(mesh).addressable_devices_indices_map(
+      (global_batch_size,)).values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(rows)} of the "
+                     "global batch, not one contiguous block: order the mesh devices "
+                     "by process.")
+  return slice(lo, hi)
+
+
 def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global arrays sharded on `data`.
 

@@ -8,7 +8,10 @@
   0.25 over the trainable gradients only (§6.5).
 * Exactly one epoch of the seeded `percent`% subset, the last batch padded with rows
   whose loss mask is 0 (§6.2); teacher forcing on the pseudo-label's decoder inputs.
-* Data parallel: `jax.jit` over the `data` mesh, each process reading its own shard.
+* Data parallel: `jax.jit` over the `data` mesh. The subset is shuffled once (seeded)
+  and cut into global batches; each process reads only its own rows of every global
+  batch (`pipeline.global_batch_positions`), so a run on several hosts sees the same
+  global batches - and ends with the same parameters - as a single-host run.
 * Resumable: an Orbax `CheckpointManager` in `<dir>/ckpt` holds the train state and
   the Grain iterator position every `ckpt_every` steps; a restarted run continues from
   the last one and ends with the same parameters as an uninterrupted run. A non-finite
@@ -32,7 +35,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from lfpr_jax import checkpointing, parallel, train
-from lfpr_jax.data.pipeline import make_loader
+from lfpr_jax.data.pipeline import global_batch_positions, make_loader
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
 
@@ -120,9 +123,24 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
                             warmup_steps=0, clip_norm=settings.clip_norm,
                             group_scales={"text_bert": 1.0, "fc7": 1.0})
   state = train.init_state(jax.device_get(trainable), tx)
-  loader = make_loader(built_dir, split, local_batch, seed=settings.seed,
-                       num_epochs=1, drop_remainder=False, indices=indices,
-                       transforms=transforms)
+  rows = parallel.process_rows(settings.batch_size, mesh)
+  if rows.stop - rows.start != local_batch:
+    raise ValueError(f"process {jax.process_index()} holds {rows.stop - rows.start} "
+                     f"rows of the global batch, expected {local_batch}.")
+  positions = global_batch_positions(len(indices), settings.batch_size, rows,
+                                     seed=settings.seed)
+  if not len(positions):
+    raise ValueError(f"the subset of {len(indices)} records leaves process "
+                     f"{jax.process_index()} no rows of the global batch of "
+                     f"{settings.batch_size}.")
+  local_indices = np.asarray(indices)[positions]
+
+  def local_loader(records):  # this process's part of every global batch, in order
+    return make_loader(built_dir, split, local_batch, shuffle=False, num_epochs=1,
+                       drop_remainder=False, shard_index=0, shard_count=1,
+                       indices=records, transforms=transforms)
+
+  loader = local_loader(local_indices)
   manager = checkpointing.train_manager(os.path.join(directory, "ckpt"))
   start_step = manager.latest_step() or 0
   if start_step:
@@ -153,12 +171,15 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
       log(record)
 
   pending = None
+  last_batch = None
   step = start_step
   while step < num_steps:
     batch = next(loader, None)
-    if batch is None:  # a shard shorter by one record on several processes
-      batch = last_batch
-      batch = {**batch, "train_loss_mask": np.zeros_like(batch["train_loss_mask"])}
+    if batch is None:  # no rows of this process in the last, partial global batch
+      if last_batch is None:  # resumed right before that batch
+        last_batch = next(local_loader(local_indices[:local_batch]))
+      batch = {**last_batch,
+               "train_loss_mask": np.zeros_like(last_batch["train_loss_mask"])}
     last_batch = batch
     feed = train.pad_batch({k: batch[k] for k in STEP_FIELDS}, local_batch)
     state, metrics = step_fn(state, frozen, parallel.global_batch(feed, mesh), rng)

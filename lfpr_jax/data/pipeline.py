@@ -76,6 +76,34 @@ def shard_bounds(num_records: int, options: grain.sharding.ShardOptions
   return start, start + size + (1 if i < rest else 0)
 
 
+def global_batch_positions(num_records: int, global_batch_size: int, rows: slice, *,
+                           seed: int = 0, shuffle: bool = True) -> np.ndarray:
+  """The records one process reads so that all processes together see single-host batches.
+
+  The `num_records` positions are shuffled once with `seed` (the permutation
+  `make_loader(..., shuffle=True)` applies to an unsharded source) and cut into
+  consecutive global batches of `global_batch_size`; the result lists, batch after
+  batch, the positions at `rows` (this process's rows, `parallel.process_rows`) of
+  each. Batching it by `rows.stop - rows.start` without shuffling gives this process's
+  part of every global batch; the last global batch may leave it a shorter batch or
+  none. The processes' parts are disjoint and cover all records, and the assembled
+  global batches do not depend on the number of processes.
+  """
+  lo, hi, step = rows.indices(global_batch_size)
+  if step != 1 or hi <= lo:
+    raise ValueError(f"rows must be a non-empty contiguous slice of the global batch "
+                     f"of {global_batch_size}, got {rows}.")
+  if shuffle:
+    ds = grain.MapDataset.range(num_records).shuffle(seed=seed)
+    order = np.fromiter((ds[i] for i in range(num_records)), np.int64, num_records)
+  else:
+    order = np.arange(num_records, dtype=np.int64)
+  num_batches = -(-num_records // global_batch_size)
+  positions = (np.arange(num_batches)[:, None] * global_batch_size +
+               np.arange(lo, hi)[None, :]).reshape(-1)
+  return order[positions[positions < num_records]]
+
+
 class Subset:
   """The records `indices` of a random-access source, as a random-access source."""
 
