@@ -18,6 +18,14 @@ The "sum" search charges an approximation of it, as upstream does: 196,800 per h
 1,537 per neuron and the constant 2,304 (output bias + attention LayerNorm) once in
 total instead of 4,608 per layer.
 
+A FLOPs constraint (Kwon et al.'s `search_mac`, LFPR.md §9.2) uses the same search with
+`costs=flops_costs(config)`: per head 4·s·d·dh + 2·s²·dh and per neuron 2·s·d
+multiply-accumulates for a sequence of s positions (TAP: s = 382, 93,782,528 per head
+and 586,752 per neuron), search constant 0 and no per-layer constant, so the budget is
+c times the prunable MACs of the unpruned MMT, L·(H·head + F·neuron). The Selection
+then reports the budget and costs in that unit (`cost_unit` "flops") while
+`full_params` / `mmt_params` stay parameter counts.
+
 Everything here is host-side numpy: selection runs once per pruning job.
 """
 
@@ -26,7 +34,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import numpy as np
 
@@ -60,12 +68,102 @@ class ParamCosts:
     """What the "sum" search charges for `heads` heads and `neurons` neurons in total."""
     return self.head * int(heads) + self.search_constant + self.neuron * int(neurons)
 
+  # The interface shared with FlopsCosts.
+  unit: ClassVar[str] = "params"
+
+  @property
+  def params(self) -> "ParamCosts":
+    """The parameter costs (itself)."""
+    return self
+
+  def layer_cost(self, heads: int, neurons: int) -> int:
+    """The cost of one layer in `unit`: here `layer_params`."""
+    return self.layer_params(heads, neurons)
+
 
 def param_costs(config: TapConfig) -> ParamCosts:
   """The per-unit parameter counts of `config`'s MMT layers."""
   d, dh = config.hidden_size, config.head_dim
   return ParamCosts(head=4 * dh * d + 3 * dh, neuron=2 * d + 1, layer=6 * d,
                     search_constant=3 * d)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsCosts:
+  """Multiply-accumulates of one MMT layer split by unit (Kwon et al., LFPR.md §9.2).
+
+  Kwon's `efficiency/mac.py`: a head costs its Q, K, V and output projections,
+  4·s·d·dh, plus the attention logits and the weighted sum of values, 2·s²·dh; a
+  neuron costs its two FFN matrix columns, 2·s·d. LayerNorms, biases, softmax and
+  residuals are not counted (`layer = search_constant = 0`, as in `search_mac`), so a
+  FLOPs constraint c keeps c times the prunable MACs. One unit is one
+  multiply-accumulate (a ratio constraint does not change with the factor 2 of FLOPs).
+
+  Attributes:
+    head: MACs of one head, 4·s·d·dh + 2·s²·dh (TAP, s = 382: 93,782,528).
+    neuron: MACs of one FFN neuron, 2·s·d (TAP: 586,752).
+    seq_len: s, the sequence length the costs are computed for.
+    params: the parameter costs of the same layers (the Selection's parameter
+      accounting).
+    layer: per-layer constant (0).
+    search_constant: the constant the search charges once (0).
+  """
+
+  head: int
+  neuron: int
+  seq_len: int
+  params: ParamCosts
+  layer: int = 0
+  search_constant: int = 0
+
+  unit: ClassVar[str] = "flops"
+
+  def layer_cost(self, heads: int, neurons: int) -> int:
+    """MACs of one layer with `heads` heads and `neurons` neurons."""
+    return self.head * int(heads) + self.neuron * int(neurons) + self.layer
+
+  def charged(self, heads: int, neurons: int) -> int:
+    """What the search charges for `heads` heads and `neurons` neurons in total."""
+    return self.head * int(heads) + self.search_constant + self.neuron * int(neurons)
+
+
+def flops_costs(config: TapConfig, seq_len: Optional[int] = None) -> FlopsCosts:
+  """Kwon's per-head and per-neuron MACs of `config`'s MMT layers (LFPR.md §9.2).
+
+  Args:
+    config: the model.
+    seq_len: s; default `config.mmt_len` = text_len + obj_max + ocr_max +
+      decode_steps (382 for TAP). Every layer is charged for all s rows (TAP's last
+      layer computes only its OCR and decoder query rows; the search ignores that,
+      as Kwon's formula ignores padding).
+
+  Returns:
+    The FlopsCosts; pass it to `select_sum(..., costs=...)`.
+  """
+  s = config.mmt_len if seq_len is None else int(seq_len)
+  if s < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
+  d, dh = config.hidden_size, config.head_dim
+  return FlopsCosts(head=4 * s * d * dh + 2 * s * s * dh, neuron=2 * s * d,
+                    seq_len=s, params=param_costs(config))
+
+
+COST_KINDS = ("params", "flops")
+
+
+def constraint_costs(config: TapConfig, kind: str = "params"
+                     ) -> Union[ParamCosts, FlopsCosts]:
+  """The unit costs of a constraint kind: "params" (LFPR) or "flops" (Kwon's MACs).
+
+  Raises:
+    ValueError: an unknown kind (the message lists the valid ones).
+  """
+  if kind == "params":
+    return param_costs(config)
+  if kind == "flops":
+    return flops_costs(config)
+  raise ValueError(f"unknown constraint kind {kind!r}; valid kinds: "
+                   f"{', '.join(COST_KINDS)}.")
 
 
 def layer_params(config: TapConfig, heads: int, neurons: int) -> int:
@@ -128,6 +226,12 @@ class Selection:
     strict_budget: "sum": whether H was capped so that the heads fit the budget.
     percentile: "thre": p.
     threshold: "thre": θ, the p-th percentile of all scores; units > θ are kept.
+    cost_unit: the unit of the search's costs: "params" (`param_costs`) or "flops"
+      (`flops_costs`); with "flops", `budget` is c times the full MACs.
+    full_cost: the scored model's cost in `cost_unit` (`full_params` for "params").
+    cost: the pruned model's cost in `cost_unit` (`mmt_params` for "params").
+    charged_cost: "sum": what the search charged in `cost_unit` (`charged_params`
+      for "params"; `charged_params` is None for "flops").
   """
 
   heuristic: str
@@ -147,6 +251,10 @@ class Selection:
   strict_budget: Optional[bool] = None
   percentile: Optional[float] = None
   threshold: Optional[float] = None
+  cost_unit: str = "params"
+  full_cost: Optional[int] = None
+  cost: Optional[int] = None
+  charged_cost: Optional[int] = None
 
   @property
   def kept_fraction(self) -> float:
@@ -207,17 +315,22 @@ def _check_importances(head_importance: object, ffn_importance: object,
   return head, ffn
 
 
-def _resolve_costs(config: Optional[TapConfig], costs: Optional[ParamCosts]
-                   ) -> ParamCosts:
+Costs = Union[ParamCosts, FlopsCosts]
+
+
+def _resolve_costs(config: Optional[TapConfig], costs: Optional[Costs]) -> Costs:
   if config is not None and costs is not None:
     raise ValueError("give config or costs, not both.")
   if costs is not None:
+    if not isinstance(costs, (ParamCosts, FlopsCosts)):
+      raise ValueError(f"costs must be a ParamCosts or FlopsCosts, got "
+                       f"{type(costs).__name__}.")
     return costs
   return param_costs(config if config is not None else TapConfig())
 
 
 def _finish(heuristic: str, head_mask: np.ndarray, ffn_mask: np.ndarray,
-            head: np.ndarray, ffn: np.ndarray, costs: ParamCosts,
+            head: np.ndarray, ffn: np.ndarray, costs: Costs,
             **info: object) -> Selection:
   """A Selection from binary masks; fills in the counts and the exact sizes."""
   cfg_head = tuple(int(v) for v in head_mask.sum(1))
@@ -226,17 +339,21 @@ def _finish(heuristic: str, head_mask: np.ndarray, ffn_mask: np.ndarray,
   kept = (np.sum(head.astype(np.float64)[head_mask > 0])
           + np.sum(ffn.astype(np.float64)[ffn_mask > 0]))
   info.setdefault("kept_importance", float(kept))
+  pc = costs.params
   return Selection(
       heuristic=heuristic, head_mask=head_mask, ffn_mask=ffn_mask,
       cfg_head=cfg_head, cfg_ffn=cfg_ffn, heads=sum(cfg_head), neurons=sum(cfg_ffn),
-      full_params=num_layers * costs.layer_params(h_max, ffn.shape[1]),
-      mmt_params=sum(costs.layer_params(h, n) for h, n in zip(cfg_head, cfg_ffn)),
+      full_params=num_layers * pc.layer_params(h_max, ffn.shape[1]),
+      mmt_params=sum(pc.layer_params(h, n) for h, n in zip(cfg_head, cfg_ffn)),
+      cost_unit=costs.unit,
+      full_cost=num_layers * costs.layer_cost(h_max, ffn.shape[1]),
+      cost=sum(costs.layer_cost(h, n) for h, n in zip(cfg_head, cfg_ffn)),
       **info)
 
 
 # Heuristics ------------------------------------------------------------------------
 def select_sum(head_importance: object, ffn_importance: object, constraint: float, *,
-               config: Optional[TapConfig] = None, costs: Optional[ParamCosts] = None,
+               config: Optional[TapConfig] = None, costs: Optional[Costs] = None,
                strict_budget: bool = False) -> Selection:
   """The "sum" heuristic: most total importance within c · P_full (LFPR.md §4.2).
 
@@ -267,6 +384,8 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
       `[mmt_layers, mmt_heads[0]]` and `[mmt_layers, mmt_ffn[0]]`. It sets the
       per-unit costs; P_full is then `mmt_params(config)`.
     costs: per-unit costs instead of a config. Without either, TAP's (d = 768).
+      `flops_costs(config)` gives Kwon's FLOPs (MACs) constraint: B = c · full
+      MACs, 93,782,528 per head and 586,752 per neuron for TAP, search constant 0.
     strict_budget: cap H so that the charged heads fit the budget.
 
   Returns:
@@ -284,7 +403,7 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
                      f"parameters), got {constraint!r}.")
   c = float(constraint)
   num_layers, h_max = head.shape
-  full = num_layers * costs.layer_params(h_max, ffn.shape[1])
+  full = num_layers * costs.layer_cost(h_max, ffn.shape[1])
   budget = c * full
 
   head_flat, ffn_flat = head.reshape(-1), ffn.reshape(-1)
@@ -320,13 +439,15 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
   return _finish(
       "sum", head_mask.reshape(head.shape), ffn_mask.reshape(ffn.shape), head, ffn,
       costs, kept_importance=float(values[best]), constraint=c, budget=budget,
-      neuron_budget=n_budget, charged_params=costs.charged(n_heads, n_kept),
-      strict_budget=bool(strict_budget))
+      neuron_budget=n_budget,
+      charged_params=(costs.charged(n_heads, n_kept) if costs.unit == "params"
+                      else None),
+      charged_cost=costs.charged(n_heads, n_kept), strict_budget=bool(strict_budget))
 
 
 def select_thre(head_importance: object, ffn_importance: object, percentile: float, *,
                 config: Optional[TapConfig] = None,
-                costs: Optional[ParamCosts] = None) -> Selection:
+                costs: Optional[Costs] = None) -> Selection:
   """The "thre" heuristic: keep every unit scored above a percentile (LFPR.md §4.3).
 
   θ = `np.percentile` (linear interpolation) of all head and neuron scores together,
