@@ -90,9 +90,10 @@ def test_per_sample_grads_equal_upstream_structure(small_model, t_star):
     scores, _ = greedy_decode_reference(model, {"params": params}, x,
                                         num_steps=t_star + 1, head_mask=h, ffn_mask=f)
     return jnp.sum(jnp.max(scores[:, t_star], axis=-1))
+  upstream_grad = jax.jit(jax.value_and_grad(upstream, argnums=(0, 1)))
   for i in range(4):
     xi = jax.tree.map(lambda a: a[i:i + 1], inputs)
-    v, (rh, rf) = jax.value_and_grad(upstream, argnums=(0, 1))(*ones, xi)
+    v, (rh, rf) = upstream_grad(*ones, xi)
     scale = float(w[i])
     np.testing.assert_allclose(values[i], scale * v, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gh[i], scale * rh, rtol=1e-4, atol=1e-5)
@@ -105,10 +106,11 @@ def test_group_grads_are_sums_of_sample_grads(small_model):
   model, params = small_model
   inputs = _inputs(SMALL, 8, seed=5)
   w = jnp.ones(8)
-  _, gh, gf = importance.per_sample_mask_grads(model, params, inputs, w, t_star=1,
-                                               bos_index=1)
-  _, Gh, Gf = importance.group_mask_grads(model, params, inputs, w, jax.random.key(0),
-                                          t_star=1, bos_index=1, group_size=4)
+  _, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
+      model, params, x, w, t_star=1, bos_index=1))(inputs, w)
+  _, Gh, Gf = jax.jit(lambda x, w: importance.group_mask_grads(
+      model, params, x, w, jax.random.key(0), t_star=1, bos_index=1, group_size=4))(
+          inputs, w)
   np.testing.assert_allclose(Gh, gh.reshape(2, 4, 2, 2).sum(1), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(Gf, gf.reshape(2, 4, 2, 16).sum(1), rtol=1e-4, atol=1e-5)
 
