@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -59,7 +59,8 @@ PyTree = Any
 MODEL_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
                 "image_feature_1", "context_feature_0", "context_feature_1",
                 "ocr_bbox_coordinates", "ocr_num")
-# Config keys that may change between runs of one workdir (more targets).
+# Config keys that may change between runs of one workdir (more targets); the sweep's
+# grid (`sweep.*`) may change too: it shares the workdir's data, base model and stages.
 MUTABLE_KEYS = ("prune.constraints", "prune.percentiles")
 DATA_COMPAT_FIELDS = ("num_answers", "ocr_max", "obj_max", "question_len", "text_len",
                       "ocr_text_len", "decode_steps", "obj_feat_dim", "ocr_feat_dim")
@@ -130,7 +131,8 @@ def check_workdir(config: ml_collections.ConfigDict, stage_dir: str) -> None:
     with open(path) as f:
       stored = json.load(f)
     differ = sorted(k for k in set(stored) | set(current)
-                    if k not in MUTABLE_KEYS and stored.get(k) != current.get(k))
+                    if k not in MUTABLE_KEYS and not k.startswith("sweep.")
+                    and stored.get(k) != current.get(k))
     if differ:
       raise ValueError(
           f"{os.path.dirname(stage_dir)} holds a run of a different config (differs in "
@@ -329,16 +331,77 @@ def check_compatible(model_config: TapConfig, data_config: TapConfig) -> None:
 # ------------------------------------------------------------------------- driver
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Runs (or resumes) every stage; returns one result row per target."""
-  targets = targets_of(config)   # bad targets fail before any work
-  p, r = config.prune, config.rest
+@dataclasses.dataclass
+class Context:
+  """What every stage after the base model shares (built once by `prepare`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  stage_dir: str
+  data: finetune.PreparedData
+  base_config: TapConfig
+  base_params: PyTree
+  rep_params: PyTree
+  model: TAP
+  mesh: Any
+  eval_local: int
+  score_local: int
+  num_train: int
+  samples: np.ndarray
+  base_eval: dict
+  times: dict
+  progress: bool
+  _t_star: Optional[int] = None
+  _labels: Optional[pseudo_labels.PseudoLabels] = None
+
+  def t_star(self) -> int:
+    """The t* stage (cached in `lfpr/tstar.json`)."""
+    if self._t_star is None:
+      p = self.config.prune
+
+      def stage():
+        if p.get("t_star", -1) >= 0:
+          return {"t_star": int(p.t_star), "given": True}
+        return compute_tstar(self.model, self.rep_params, built_dir=self.data.built_dir,
+                             indices=self.samples, local_batch=self.score_local,
+                             mesh=self.mesh, bos_index=self.data.vocab.bos_idx,
+                             batch_search=p.tstar_batch_search, progress=self.progress)
+      tstar = cached_json(os.path.join(self.stage_dir, "tstar.json"), stage)
+      self.times["tstar"] = tstar["seconds"]
+      self._t_star = int(tstar["t_star"])
+    return self._t_star
+
+  def labels(self) -> pseudo_labels.PseudoLabels:
+    """The pseudo-label stage (cached in `lfpr/pseudo_labels.npz`)."""
+    if self._labels is None:
+      path = os.path.join(self.stage_dir, "pseudo_labels.npz")
+      if os.path.exists(path):
+        logging.info("reusing %s", path)
+        self._labels = pseudo_labels.PseudoLabels.load(path)
+        with open(path + ".json") as f:
+          self.times["pseudo_labels"] = json.load(f)["seconds"]
+      else:
+        t0 = time.time()
+        self._labels = compute_pseudo_labels(
+            self.model, self.rep_params, built_dir=self.data.built_dir,
+            num_train=self.num_train, local_batch=self.eval_local, mesh=self.mesh,
+            bos_index=self.data.vocab.bos_idx, progress=self.progress)
+        self.times["pseudo_labels"] = round(time.time() - t0, 1)
+        if jax.process_index() == 0:
+          self._labels.save(path)
+          rest.write_json(path + ".json", {
+              "seconds": self.times["pseudo_labels"],
+              "num_examples": len(self._labels.question_ids)})
+    return self._labels
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Data, base model (trained on the synthetic benchmark when missing), checks,
+  mesh and the unpruned model's val accuracy."""
+  p = config.prune
   stage_dir = os.path.join(workdir, "lfpr")
   check_workdir(config, stage_dir)
-  is_main = jax.process_index() == 0
   progress = bool(config.get("progress", True))
   times: dict[str, float] = {}
-
   t0 = time.time()
   data = finetune.prepare_data(config, workdir)
   times["data"] = time.time() - t0
@@ -354,86 +417,74 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   if p.get("t_star", -1) >= 0:
     importance.check_t_star(p.t_star, base_config.decode_steps)
   importance.mask_shapes(base_config)
-  for target in targets:
-    if target.layers > base_config.mmt_layers:
-      raise ValueError(f"the ReSt schedule retrains {target.layers} layers at "
-                       f"{target.name}, but the model has {base_config.mmt_layers}.")
   mesh = parallel.make_mesh()
   for what, size in (("prune.batch_size", p.batch_size), ("eval.batch_size",
-                                                          config.eval.batch_size)):
+                                                          config.eval.batch_size),
+                     ("rest.batch_size", config.rest.batch_size)):
     parallel.check_batch_size(size, mesh)
     if size % jax.process_count():
       raise ValueError(f"{what} {size} is not divisible by {jax.process_count()} "
                        "processes.")
   model = TAP(base_config)
-  bos = data.vocab.bos_idx
   eval_local = config.eval.batch_size // jax.process_count()
-  score_local = p.batch_size // jax.process_count()
-  rep_params = parallel.replicate(base_params, mesh)
   num_train = len(open_source(data.built_dir, "train"))
-
   base_eval = cached_json(os.path.join(stage_dir, "base_eval.json"), lambda: evaluate(
       model, base_params, data, mesh, local_batch=eval_local, progress=progress,
       desc="eval unpruned"))
-  samples = sample_set(num_train, p.num_samples, p.sample_seed)
+  times["base_eval"] = base_eval["seconds"]
+  return Context(config=config, workdir=workdir, stage_dir=stage_dir, data=data,
+                 base_config=base_config, base_params=base_params,
+                 rep_params=parallel.replicate(base_params, mesh), model=model,
+                 mesh=mesh, eval_local=eval_local,
+                 score_local=p.batch_size // jax.process_count(), num_train=num_train,
+                 samples=sample_set(num_train, p.num_samples, p.sample_seed),
+                 base_eval=base_eval, times=times, progress=progress)
 
-  def tstar_stage():
-    if p.get("t_star", -1) >= 0:
-      return {"t_star": int(p.t_star), "given": True}
-    return compute_tstar(model, rep_params, built_dir=data.built_dir, indices=samples,
-                         local_batch=score_local, mesh=mesh, bos_index=bos,
-                         batch_search=p.tstar_batch_search, progress=progress)
-  tstar = cached_json(os.path.join(stage_dir, "tstar.json"), tstar_stage)
-  t_star = int(tstar["t_star"])
 
-  imp_path = os.path.join(stage_dir, "importance.npz")
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs (or resumes) every stage; returns one result row per target."""
+  targets = targets_of(config)   # bad targets fail before any work
+  p = config.prune
+  ctx = prepare(config, workdir)
+  for target in targets:
+    if target.layers > ctx.base_config.mmt_layers:
+      raise ValueError(f"the ReSt schedule retrains {target.layers} layers at "
+                       f"{target.name}, but the model has {ctx.base_config.mmt_layers}.")
+  t_star = ctx.t_star()
+  imp_path = os.path.join(ctx.stage_dir, "importance.npz")
   if os.path.exists(imp_path):
+    logging.info("reusing %s", imp_path)
     imp = importance.Importance.load(imp_path)
-    imp_seconds = json.load(open(imp_path + ".json"))["seconds"]
+    with open(imp_path + ".json") as f:
+      imp_seconds = json.load(f)["seconds"]
   else:
     t0 = time.time()
-    imp = compute_importance(model, rep_params, built_dir=data.built_dir,
-                             indices=samples, local_batch=score_local, mesh=mesh,
-                             bos_index=bos, t_star=t_star, dropout=p.dropout,
-                             group_size=p.group_size, seed=config.seed,
-                             progress=progress)
+    imp = compute_importance(ctx.model, ctx.rep_params, built_dir=ctx.data.built_dir,
+                             indices=ctx.samples, local_batch=ctx.score_local,
+                             mesh=ctx.mesh, bos_index=ctx.data.vocab.bos_idx,
+                             t_star=t_star, dropout=p.dropout, group_size=p.group_size,
+                             seed=config.seed, progress=ctx.progress)
     imp_seconds = round(time.time() - t0, 1)
-    if is_main:
+    if jax.process_index() == 0:
       imp.save(imp_path)
       rest.write_json(imp_path + ".json", {"seconds": imp_seconds,
                                            "num_samples": imp.num_samples,
                                            "t_star": t_star})
   head_imp, ffn_imp = imp.scores(per_sample=p.per_sample)
-  times.update(tstar=tstar["seconds"], importance=imp_seconds,
-               base_eval=base_eval["seconds"])
-
-  pl_path = os.path.join(stage_dir, "pseudo_labels.npz")
-  t0 = time.time()
-  if os.path.exists(pl_path):
-    labels = pseudo_labels.PseudoLabels.load(pl_path)
-    pl_seconds = json.load(open(pl_path + ".json"))["seconds"]
-  else:
-    labels = compute_pseudo_labels(model, rep_params, built_dir=data.built_dir,
-                                   num_train=num_train, local_batch=eval_local,
-                                   mesh=mesh, bos_index=bos, progress=progress)
-    pl_seconds = round(time.time() - t0, 1)
-    if is_main:
-      labels.save(pl_path)
-      rest.write_json(pl_path + ".json", {"seconds": pl_seconds,
-                                          "num_examples": len(labels.question_ids)})
-  times["pseudo_labels"] = pl_seconds
-  base_sha = checkpointing.params_sha256(base_params)
-
+  ctx.times["importance"] = imp_seconds
+  labels = ctx.labels()
+  base_sha = checkpointing.params_sha256(ctx.base_params)
   rows = []
   for target in targets:
-    rows.append(run_target(target, config=config, stage_dir=stage_dir, data=data,
-                           base_config=base_config, base_params=base_params,
-                           head_imp=head_imp, ffn_imp=ffn_imp, labels=labels,
-                           num_train=num_train, mesh=mesh, eval_local=eval_local,
-                           base_eval=base_eval, base_sha=base_sha, shared_times=times,
-                           progress=progress))
-  if is_main:
-    write_table(rows, stage_dir)
+    rows.append(run_target(target, config=config, stage_dir=ctx.stage_dir,
+                           data=ctx.data, base_config=ctx.base_config,
+                           base_params=ctx.base_params, head_imp=head_imp,
+                           ffn_imp=ffn_imp, labels=labels, num_train=ctx.num_train,
+                           mesh=ctx.mesh, eval_local=ctx.eval_local,
+                           base_eval=ctx.base_eval, base_sha=base_sha,
+                           shared_times=ctx.times, progress=ctx.progress))
+  if jax.process_index() == 0:
+    write_table(rows, ctx.stage_dir)
   return rows
 
 

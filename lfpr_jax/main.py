@@ -8,7 +8,8 @@ preparation (synthetic generation, ArrayRecord build), the base model (trained f
 scratch on the synthetic benchmark when the workdir has none, else
 `config.base_model`), then LFPR (`lfpr_jax.lfpr`): t*, importance, selection,
 surgery, pseudo-labels, ReSt and evaluation, ending with the results table.
-`--question_only` trains the image-blind ablation instead.
+A config with a `sweep` section (configs/sweep_synthetic.py) runs the comparison grid
+of `lfpr_jax.sweep` instead. `--question_only` trains the image-blind ablation.
 
 On a cluster (SLURM, Cloud TPU, Kubernetes, or with JAX_COORDINATOR_ADDRESS set) every
 process runs this same command; `jax.distributed.initialize()` detects the cluster.
@@ -22,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lfpr_jax import finetune, lfpr
+from lfpr_jax import finetune, lfpr, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -63,9 +64,18 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not _QUESTION_ONLY.value:
     try:
-      rows = lfpr.run(config, workdir)
+      if "sweep" in config:
+        rows = sweep.run_sweep(config, workdir)
+      else:
+        rows = lfpr.run(config, workdir)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear message
       sys.exit(f"lfpr_jax: error: {e}")
+    if "sweep" in config:
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, "sweep", "results.md")) as f:
+          print(f.read(), end="")
+        print(f"(CSV, plot and metadata in {os.path.join(workdir, 'sweep')})")
+      return
     if jax.process_index() == 0:
       print(lfpr.format_table(rows), end="")
       print(f"(table and per-target JSON in {os.path.join(workdir, 'lfpr')})")

@@ -86,7 +86,8 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
             indices: np.ndarray, transforms: Sequence[grain.transforms.Map],
             settings: RestSettings, directory: str, mesh: Mesh, rng: jax.Array,
             progress: bool = True, log: Callable[[dict], None] | None = None,
-            stop_after: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+            stop_after: int | None = None, trainable: Sequence[str] | None = None
+            ) -> tuple[PyTree, dict[str, Any]]:
   """One epoch of ReSt on `indices` of `split`; resumes from `<directory>/ckpt`.
 
   Args:
@@ -103,6 +104,8 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
     log: called with one metrics dict per step (process 0 writes it).
     stop_after: stop (with a checkpoint) after this many steps in this call - tests
       use it to simulate an interruption.
+    trainable: path regexes of the trained parameters instead of ReSt's set (e.g.
+      `[".*"]` for full fine-tuning).
 
   Returns:
     (params, summary): the retrained parameters on the host and a summary dict.
@@ -117,8 +120,10 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
   local_batch = settings.batch_size // jax.process_count()
   num_steps = settings.num_steps(len(indices))
   model = TAP(model_config)
+  patterns = (list(trainable) if trainable is not None
+              else trainable_patterns(model_config, settings.layers))
   trainable, frozen = train.split_params(
-      params, trainable_patterns(model_config, settings.layers))
+      params, patterns)
   tx = train.make_optimizer(trainable, lr=settings.lr, mask_lr=settings.mask_lr,
                             warmup_steps=0, clip_norm=settings.clip_norm,
                             group_scales={"text_bert": 1.0, "fc7": 1.0})
@@ -206,7 +211,7 @@ def retrain(*, model_config: TapConfig, params: PyTree, built_dir: str, split: s
              "final_loss": losses[-1] if losses else None,
              "mean_loss": float(np.mean(losses)) if losses else None,
              "num_trainable": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
-             "trainable_patterns": trainable_patterns(model_config, settings.layers),
+             "trainable_patterns": list(patterns),
              "complete": int(step) >= num_steps}
   return params_out, summary
 

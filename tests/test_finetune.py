@@ -12,8 +12,8 @@ from lfpr_jax import checkpointing, train
 from tests.conftest import REPO
 
 
-def _main(workdir, *extra):
-  cmd = [sys.executable, "-m", "lfpr_jax.main", "--config=configs/synthetic.py:tiny",
+def _main(workdir, *extra, config="configs/synthetic.py:tiny"):
+  cmd = [sys.executable, "-m", "lfpr_jax.main", f"--config={config}",
          f"--workdir={workdir}", *extra]
   env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
@@ -50,3 +50,14 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   bad = _main(tmp_path, "--config.rest.lr=0.1")
   assert bad.returncode != 0 and "different config" in bad.stderr
   assert "Traceback" not in bad.stderr
+  # The comparison sweep reuses the workdir's data, base model, t* and pseudo-labels.
+  sweep = _main(tmp_path, config="configs/sweep_synthetic.py:tiny")
+  assert sweep.returncode == 0, sweep.stderr[-3000:]
+  assert "| lfpr + rest | 0.4 |" in sweep.stdout and "| fisher + kwon | 0.4 |" in sweep.stdout
+  lines = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
+  assert len(lines) == 1 + 16 and lines[0].startswith("method,criterion,restoration")
+  png = (tmp_path / "sweep" / "accuracy_vs_params.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  meta = json.loads((tmp_path / "sweep" / "metadata.json").read_text())
+  assert meta["versions"]["jax"] and meta["config"]["sweep"]["criteria"]
+  assert "reusing" in sweep.stderr and "pseudo-labels:" not in sweep.stderr  # reused

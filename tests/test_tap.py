@@ -17,7 +17,8 @@ from tests.test_api import random_batch
 BASE = TapConfig(arch="custom", text_bert_layers=1, mmt_heads=(2, 0, 2),
                  mmt_ffn=(64, 32, 0), hidden_size=128, text_heads=2, text_ffn=64,
                  vocab_size=300, num_answers=40, obj_feat_dim=32, ocr_feat_dim=32,
-                 fc7_dim=32, ptr_query_key_size=64)
+                 fc7_dim=32, ptr_query_key_size=64, question_len=8, text_len=30,
+                 ocr_text_len=12, obj_max=10, ocr_max=12, max_position_embeddings=64)
 
 
 def _setup(config, seed=0, batch_size=3):
@@ -42,8 +43,9 @@ def test_cached_greedy_equals_full_recompute(learnable):
 
 def test_fewer_steps_are_a_prefix():
   model, params, inputs = _setup(BASE)
-  full = greedy_decode(model, {"params": params}, inputs)
-  part = greedy_decode(model, {"params": params}, inputs, num_steps=4)
+  full = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, inputs)
+  part = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x, num_steps=4))(
+      params, inputs)
   np.testing.assert_allclose(part[0], full[0][:, :4], atol=1e-5)
   np.testing.assert_array_equal(part[1], full[1][:, :4])
   with pytest.raises(ValueError, match="num_steps must be in"):
