@@ -107,13 +107,16 @@ class BertSelfAttention(nn.Module):
     x = x.view(x.size()[:-1] + (self.num_attention_heads, self.attention_head_size))
     return x.permute(0, 2, 1, 3)
 
-  def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
+  def forward(self, hidden_states: Tensor, attention_mask: Tensor,
+              head_mask: Optional[Tensor] = None) -> Tensor:
     q = self.transpose_for_scores(self.query(hidden_states))
     k = self.transpose_for_scores(self.key(hidden_states))
     v = self.transpose_for_scores(self.value(hidden_states))
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
     scores = scores + attention_mask
     probs = self.dropout(nn.Softmax(dim=-1)(scores))
+    if head_mask is not None:  # LFPR: [h] multiplier of the attention probabilities
+      probs = probs * head_mask.view(1, -1, 1, 1)
     ctx = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
     return ctx.view(ctx.size()[:-2] + (self.all_head_size,))
 
@@ -139,8 +142,9 @@ class BertAttention(nn.Module):
     self.self = BertSelfAttention(c.hidden_size, heads, c.head_dim, c.attention_dropout)
     self.output = BertSelfOutput(heads * c.head_dim, c.hidden_size, c.hidden_dropout)
 
-  def forward(self, x: Tensor, attention_mask: Tensor) -> Tensor:
-    return self.output(self.self(x, attention_mask), x)
+  def forward(self, x: Tensor, attention_mask: Tensor,
+              head_mask: Optional[Tensor] = None) -> Tensor:
+    return self.output(self.self(x, attention_mask, head_mask), x)
 
 
 class BertIntermediate(nn.Module):
@@ -149,8 +153,9 @@ class BertIntermediate(nn.Module):
     super().__init__()
     self.dense = nn.Linear(hidden, ffn)
 
-  def forward(self, x: Tensor) -> Tensor:
-    return gelu(self.dense(x))
+  def forward(self, x: Tensor, ffn_mask: Optional[Tensor] = None) -> Tensor:
+    u = gelu(self.dense(x))
+    return u if ffn_mask is None else u * ffn_mask  # LFPR: [f] neuron multiplier
 
 
 class BertLayer(nn.Module):
@@ -162,9 +167,11 @@ class BertLayer(nn.Module):
     self.intermediate = BertIntermediate(c.hidden_size, ffn)
     self.output = BertSelfOutput(ffn, c.hidden_size, c.hidden_dropout)
 
-  def forward(self, x: Tensor, attention_mask: Tensor) -> Tensor:
-    a = self.attention(x, attention_mask)
-    return self.output(self.intermediate(a), a)
+  def forward(self, x: Tensor, attention_mask: Tensor,
+              head_mask: Optional[Tensor] = None, ffn_mask: Optional[Tensor] = None
+              ) -> Tensor:
+    a = self.attention(x, attention_mask, head_mask)
+    return self.output(self.intermediate(a, ffn_mask), a)
 
 
 class BertEncoder(nn.Module):
@@ -173,9 +180,13 @@ class BertEncoder(nn.Module):
     super().__init__()
     self.layer = nn.ModuleList([BertLayer(c, h, f) for h, f in shapes])
 
-  def forward(self, x: Tensor, attention_mask: Tensor) -> Tensor:
-    for layer in self.layer:
-      x = layer(x, attention_mask)
+  def forward(self, x: Tensor, attention_mask: Tensor,
+              head_mask: Optional[Tensor] = None, ffn_mask: Optional[Tensor] = None
+              ) -> Tensor:
+    """`head_mask` `[L, h]` / `ffn_mask` `[L, f]`: LFPR's per-layer masks (None: off)."""
+    for i, layer in enumerate(self.layer):
+      x = layer(x, attention_mask, None if head_mask is None else head_mask[i],
+                None if ffn_mask is None else ffn_mask[i])
     return x
 
 
@@ -262,7 +273,9 @@ class MMT(nn.Module):
 
   def forward(self, txt_emb: Tensor, txt_mask: Tensor, obj_emb: Tensor,
               obj_mask: Tensor, ocr_emb: Tensor, ocr_mask: Tensor,
-              fixed_ans_emb: Tensor, prev_inds: Tensor) -> dict[str, Tensor]:
+              fixed_ans_emb: Tensor, prev_inds: Tensor,
+              head_mask: Optional[Tensor] = None, ffn_mask: Optional[Tensor] = None
+              ) -> dict[str, Tensor]:
     dec_emb = self.prev_pred_embeddings(fixed_ans_emb, ocr_emb, prev_inds)
     dec_mask = torch.zeros(dec_emb.size(0), dec_emb.size(1), dtype=torch.float32)
     x = torch.cat([txt_emb, obj_emb, ocr_emb, dec_emb], dim=1)
@@ -272,7 +285,7 @@ class MMT(nn.Module):
     ext = mask.unsqueeze(1).unsqueeze(2).repeat(1, 1, n, 1)
     ext[:, :, -n_dec:, -n_dec:] = _causal_mask(n_dec)
     ext = (1.0 - ext) * MASK_VALUE
-    out = self.encoder(x, ext)
+    out = self.encoder(x, ext, head_mask, ffn_mask)
     ocr_begin = txt_mask.size(-1) + obj_mask.size(-1)
     return {"mmt_ocr_output": out[:, ocr_begin:ocr_begin + ocr_mask.size(-1)],
             "mmt_dec_output": out[:, -n_dec:]}
@@ -385,13 +398,14 @@ class TorchTAP(nn.Module):
     fwd["ocr_mask"] = _get_mask(s["ocr_num"], ocr.size(1))
     return fwd
 
-  def _forward_mmt_and_output(self, fwd: dict[str, Tensor], prev_inds: Tensor
-                              ) -> Tensor:
+  def _forward_mmt_and_output(self, fwd: dict[str, Tensor], prev_inds: Tensor,
+                              head_mask: Optional[Tensor] = None,
+                              ffn_mask: Optional[Tensor] = None) -> Tensor:
     txt_emb = self.text_bert_out_linear(
         self.text_bert(fwd["txt_inds"], fwd["txt_mask"], fwd["txt_type_mask"]))
     out = self.mmt(txt_emb, fwd["txt_mask"], fwd["obj_mmt_in"], fwd["obj_mask"],
                    fwd["ocr_mmt_in"], fwd["ocr_mask"], self.classifier.module.weight,
-                   prev_inds)
+                   prev_inds, head_mask, ffn_mask)
     fixed = self.classifier(out["mmt_dec_output"])
     ocr = self.ocr_ptr_net(out["mmt_dec_output"], out["mmt_ocr_output"],
                            fwd["ocr_mask"])
@@ -413,6 +427,26 @@ class TorchTAP(nn.Module):
       fed = prev.clone()
       prev[:, 1:] = scores.argmax(dim=-1)[:, :-1]
     return scores, fed
+
+  def lfpr_score(self, s: Mapping[str, Tensor], head_mask: Tensor, ffn_mask: Tensor,
+                 t: int) -> Tensor:
+    """Upstream `m4c_lfpr_calc_score` forward: scores `[B, T, C]` of the (t+1)-th pass.
+
+    As `M4CLFPRScore._forward_mmt_and_output`: obj/OCR encoders once, then t + 1 full
+    passes of text-BERT + MMT (all 12 decoder positions, masks applied in every
+    pass) + heads from `prev = [BOS, 0, ...]`, refilling `prev[:, 1:]` with the
+    argmaxes. Autograd is on in every pass (as upstream); the objective's gradient
+    reaches the masks through the last pass only (argmax carries none).
+    """
+    fwd = self._encode_inputs(s)
+    prev = torch.zeros_like(s["train_prev_inds"])
+    prev[:, 0] = BOS_IDX
+    scores = None
+    for _ in range(t + 1):
+      scores = self._forward_mmt_and_output(fwd, prev, head_mask, ffn_mask)
+      prev = prev.clone()
+      prev[:, 1:] = scores.argmax(dim=-1)[:, :-1]
+    return scores
 
   def forward(self, s: Mapping[str, Tensor]) -> Tensor:
     """As upstream: teacher forcing in train mode, greedy decoding in eval mode."""
@@ -497,7 +531,154 @@ def check_golden(golden: str) -> bool:
     print(f"{arch}: teacher-forced max|diff| {tf_err:.2e}, greedy {g_err:.2e}, "
           f"loss {float(loss):.4f} (diff {loss_err:.1e}), greedy inputs "
           f"{'equal' if fed_same else 'DIFFER'}: {'OK' if good else 'MISMATCH'}")
+    # LFPR scoring (m4c_lfpr_calc_score, dropout 0): objective and mask gradients.
+    c = model.config
+    for t in (0, 1, 2):
+      head_mask = torch.ones(c.mmt_layers, c.mmt_heads[0], requires_grad=True)
+      ffn_mask = torch.ones(c.mmt_layers, c.mmt_ffn[0], requires_grad=True)
+      scores = model.lfpr_score(batch, head_mask, ffn_mask, t)
+      objective = scores[:, t].max(dim=-1).values.sum()
+      gh, gf = torch.autograd.grad(objective, [head_mask, ffn_mask])
+      errs = [abs(float(objective.detach()) - float(want[f"lfpr_greedy_objective_t{t}"]))]
+      for name, g in (("head", gh), ("ffn", gf)):
+        ref = want[f"lfpr_greedy_{name}_grad_t{t}"]
+        errs.append(float(np.abs(g.numpy() - ref).max() / max(np.abs(ref).max(), 1e-12)))
+      good = errs[0] < 1e-3 and max(errs[1:]) < 1e-3
+      ok &= good
+      print(f"{arch}: LFPR t={t} objective diff {errs[0]:.1e}, mask gradients max rel "
+            f"diff head {errs[1]:.1e} ffn {errs[2]:.1e}: {'OK' if good else 'MISMATCH'}")
   return ok
+
+
+# LFPR scoring (upstream's path), for benchmarks.lfpr_cpu / lfpr_gpu -----------------
+
+LFPR_MODES = {
+    "": "upstream: loss.backward() with every parameter requiring grad (as "
+        "base_trainer_lfpr_calc_score: parameter gradients are computed too)",
+    "_masks_only": "torch.autograd.grad to the two masks only (a lower bound upstream "
+                   "does not use)",
+    "_anomaly": "upstream as run: backward() inside torch.autograd.set_detect_anomaly"
+                "(True), which base_trainer_lfpr_calc_score switches on",
+}
+
+
+class LfprScorer:
+  """Upstream LFPR scoring of one batch: (t+1) greedy passes + backward to the masks.
+
+  Model in train mode with every dropout probability 0 (deterministic, like the
+  golden runs), masks `[L, 12]` / `[L, 3072]` at ones as fresh leaf tensors per call.
+  Stages are named `lfpr_score_t{t}{mode}` with mode one of `LFPR_MODES`.
+  """
+
+  def __init__(self, arch: str, seed: int, max_batch: int, device: str = "cpu"):
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    config = dataclasses.replace(common.make_config(arch), hidden_dropout=0.0,
+                                 attention_dropout=0.0, obj_dropout=0.0,
+                                 ocr_dropout=0.0)
+    self.config, self.device = config, torch.device(device)
+    if self.device.type != "cpu":
+      # The upstream code allocates helper tensors without a device (as here).
+      torch.set_default_device(self.device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):
+      model = TorchTAP(config)
+      init_weights(model, gen)
+    self.model = model.to(self.device).train()
+    # The same batch as the JAX side: common.random_batch on the first spawned rng.
+    batch_rng = np.random.default_rng(seed).spawn(2)[0]
+    self.full = {k: v.to(self.device) for k, v in
+                 to_torch(common.random_batch(batch_rng, config, max_batch)).items()}
+    self.num_params = sum(p.numel() for p in self.model.parameters())
+
+  def batch(self, size: int) -> dict[str, Tensor]:
+    n = next(iter(self.full.values())).shape[0]
+    if size <= n:
+      return {k: v[:size] for k, v in self.full.items()}
+    reps = -(-size // n)
+    return {k: torch.cat([v] * reps)[:size] for k, v in self.full.items()}
+
+  def _sync(self) -> None:
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
+
+  def run(self, stage: str, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """One timed call; returns seconds and the objective."""
+    rest = stage[len("lfpr_score_t"):]
+    t = int(rest.split("_", 1)[0])
+    mode = rest[len(str(t)):]
+    if not stage.startswith("lfpr_score_t") or mode not in LFPR_MODES:
+      raise ValueError(f"unknown LFPR stage {stage!r}")
+    c = self.config
+    self._sync()
+    t0 = time.perf_counter()
+    self.model.zero_grad(set_to_none=True)
+    head_mask = torch.ones(c.mmt_layers, c.mmt_heads[0], device=self.device,
+                           requires_grad=True)
+    ffn_mask = torch.ones(c.mmt_layers, c.mmt_ffn[0], device=self.device,
+                          requires_grad=True)
+    torch.manual_seed(0)  # upstream re-seeds at every forward call
+    with torch.autograd.set_detect_anomaly(mode == "_anomaly"):
+      scores = self.model.lfpr_score(batch, head_mask, ffn_mask, t)
+      objective = scores[:, t].max(dim=-1).values.sum()
+      if mode == "_masks_only":
+        gh, gf = torch.autograd.grad(objective, [head_mask, ffn_mask])
+      else:
+        objective.backward()
+        gh, gf = head_mask.grad, ffn_mask.grad
+    gh, gf = gh.detach().cpu(), gf.detach().cpu()
+    self._sync()
+    seconds = time.perf_counter() - t0
+    self.model.zero_grad(set_to_none=True)
+    return {"seconds": seconds, "objective": float(objective.detach()),
+            "head_grad_norm": float(gh.norm()), "ffn_grad_norm": float(gf.norm())}
+
+
+def lfpr_worker() -> None:
+  """JSON-lines server on stdin/stdout, driven by benchmarks.lfpr_cpu / lfpr_gpu.
+
+  Requests: `{"op": "init", "arch", "seed", "threads", "max_batch", "device"}`,
+  `{"op": "run", "stage", "batch"}`, `{"op": "quit"}`. Every reply is one JSON line
+  (`{"ok": true, ...}` or `{"ok": false, "error": ...}`); logs go to stderr.
+  """
+  import resource  # pylint: disable=import-outside-toplevel
+  scorer = None
+  batches: dict[int, Any] = {}
+  for line in sys.stdin:
+    if not line.strip():
+      continue
+    req = json.loads(line)
+    try:
+      op = req["op"]
+      if op == "quit":
+        break
+      if op == "init":
+        torch.set_num_threads(int(req.get("threads", 2)))
+        scorer = LfprScorer(req["arch"], int(req["seed"]), int(req["max_batch"]),
+                            req.get("device", "cpu"))
+        reply = {"versions": {"torch": torch.__version__, "numpy": np.__version__},
+                 "torch_threads": torch.get_num_threads(),
+                 "torch_interop_threads": torch.get_num_interop_threads(),
+                 "device": str(scorer.device),
+                 "device_name": (torch.cuda.get_device_name(scorer.device)
+                                 if scorer.device.type == "cuda" else None),
+                 "num_params": scorer.num_params,
+                 "modes": {f"lfpr_score_t*{k}": v for k, v in LFPR_MODES.items()}}
+      elif op == "run":
+        size = int(req["batch"])
+        if size not in batches:
+          batches[size] = scorer.batch(size)
+        reply = scorer.run(req["stage"], batches[size])
+      else:
+        raise ValueError(f"unknown op {op!r}")
+      reply["ok"] = True
+    except Exception as e:  # pylint: disable=broad-except  # reported to the driver
+      reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    reply["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if scorer is not None and scorer.device.type == "cuda":
+      reply["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
 
 
 # Benchmark --------------------------------------------------------------------------
@@ -587,6 +768,9 @@ def parse_args(argv: Optional[Sequence[str]] = None
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--isolate", action="store_true",
                  help="run every stage in a fresh subprocess (per-stage peak RSS)")
+  p.add_argument("--lfpr-worker", action="store_true",
+                 help="serve LFPR scoring timings over stdin/stdout (JSON lines) for "
+                      "benchmarks.lfpr_cpu / lfpr_gpu, then exit")
   p.add_argument("--check-golden", metavar="DIR", default=None,
                  help="instead of timing, compare with the upstream golden outputs "
                       "in DIR (../shared/golden) and exit 0 (match) or 1")
@@ -598,6 +782,9 @@ def parse_args(argv: Optional[Sequence[str]] = None
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args, stages = parse_args(argv)
+  if args.lfpr_worker:
+    lfpr_worker()
+    raise SystemExit(0)
   torch.set_num_threads(args.threads)
   if args.check_golden is not None:
     raise SystemExit(0 if check_golden(args.check_golden) else 1)
