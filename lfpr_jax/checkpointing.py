@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lfpr_jax import atomic
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, check_params
 
@@ -48,23 +47,20 @@ def save_model(path: str, config: TapConfig, params: PyTree, *,
   """Writes `params` (validated against `config`) and `arch.json` to `path`."""
   check_params(params, config)
   check_output_dir(path, overwrite=overwrite)
-  path = os.path.abspath(path)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-",
-                         dir=os.path.dirname(path))
-  try:
-    host = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
-    ckptr.wait_until_finished()
+  with atomic.directory(path) as tmp:
+    _save_params(os.path.join(tmp, PARAMS_DIR), params)
     meta = {"format": FORMAT, "config": config.to_dict(), **dict(extra or {})}
     with open(os.path.join(tmp, ARCH_FILE), "w") as f:
       json.dump(meta, f, indent=1)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+
+def _save_params(path: str, params: PyTree) -> PyTree:
+  """Saves float32 host copies of `params` with Orbax; returns them."""
+  host = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, host)
+  ckptr.wait_until_finished()
+  return host
 
 
 def load_config(path: str) -> TapConfig:
@@ -135,14 +131,8 @@ def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
   selection masks are stored as bits.
   """
   check_output_dir(path, overwrite=overwrite)
-  path = os.path.abspath(path)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-",
-                         dir=os.path.dirname(path))
-  try:
-    host = jax.tree.map(lambda x: np.asarray(x, np.float32), trainable)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
-    ckptr.wait_until_finished()
+  with atomic.directory(path) as tmp:
+    host = _save_params(os.path.join(tmp, PARAMS_DIR), trainable)
     np.savez_compressed(os.path.join(tmp, MASKS_FILE),
                         head=np.packbits(np.asarray(head_mask) > 0, axis=-1),
                         ffn=np.packbits(np.asarray(ffn_mask) > 0, axis=-1),
@@ -154,12 +144,6 @@ def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
             **dict(extra or {})}
     with open(os.path.join(tmp, DELTA_FILE), "w") as f:
       json.dump(meta, f, indent=1)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
@@ -37,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfpr_jax import importance, parallel
+from lfpr_jax import atomic, importance, parallel
 from lfpr_jax.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
@@ -435,16 +433,7 @@ class CriterionScores:
                                              "options": self.options}))}
     if self.head_grads is not None:
       arrays.update(head_grads=self.head_grads, ffn_grads=self.ffn_grads)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".npz", dir=directory)
-    os.close(fd)
-    try:
-      np.savez(tmp, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
+    atomic.savez(path, **arrays)
 
   @classmethod
   def load(cls, path: str) -> "CriterionScores":

@@ -19,8 +19,6 @@ r"""Label-free importance of heads and FFN neurons (LFPR.md §2-3).
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lfpr_jax import parallel
+from lfpr_jax import atomic, parallel
 from lfpr_jax.decoding import greedy_decode
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
@@ -219,16 +217,7 @@ class Importance:
   def save(self, path: str) -> None:
     """Writes an `.npz` atomically."""
     arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".importance-", suffix=".npz", dir=directory)
-    os.close(fd)
-    try:
-      np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
+    atomic.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
 
   @classmethod
   def load(cls, path: str) -> Importance:

@@ -16,14 +16,13 @@ records of one seeded permutation, so smaller subsets are nested in larger ones.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import grain
 import numpy as np
 
+from lfpr_jax import atomic
 from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings
 from lfpr_jax.data.vocab import AnswerVocab
@@ -49,17 +48,8 @@ class PseudoLabels:
     return {int(q): row for q, row in zip(self.question_ids, self.indices)}
 
   def save(self, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".pseudo-", suffix=".npz", dir=directory)
-    os.close(fd)
-    try:
-      np.savez(tmp, question_ids=np.asarray(self.question_ids, np.int64),
-               indices=np.asarray(self.indices, np.int32))
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
+    atomic.savez(path, question_ids=np.asarray(self.question_ids, np.int64),
+                 indices=np.asarray(self.indices, np.int32))
 
   @classmethod
   def load(cls, path: str) -> PseudoLabels:

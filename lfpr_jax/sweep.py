@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lfpr_jax import (checkpointing, criteria, kwon, lfpr, pseudo_labels, rest,
+from lfpr_jax import (criteria, kwon, lfpr, pseudo_labels, rest,
                       selection, surgery)
 from lfpr_jax.data.pipeline import make_loader
 from lfpr_jax.models.params import count_params
