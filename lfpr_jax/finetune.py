@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 
 from lfpr_jax import checkpointing, parallel, train
@@ -78,9 +79,15 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
   return PreparedData(layout, built_dir, model_config, vocab)
 
 
-def _step_batch(batch: dict, question_len: int, ablate: bool) -> dict:
+def _step_batch(batch: dict, question_len: int, ablate: bool, num_answers: int) -> dict:
   if ablate:
     batch = train.question_only(batch, question_len)
+    # No OCR token is left to copy: drop the copy targets. Their logits are masked to
+    # -1e4, so a positive target there adds ~1e4 to the loss and a constant push on
+    # the pointer scores, which then outgrow the mask and win every argmax.
+    targets = np.array(batch["targets"])
+    targets[..., num_answers:] = 0.0
+    batch["targets"] = targets
   return {k: batch[k] for k in STEP_FIELDS}
 
 
@@ -140,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm.tqdm(total=t.num_steps, desc=f"train {out_name}", disable=not is_main)
   step = 0
   for step in range(1, t.num_steps + 1):
-    batch = _step_batch(next(loader), c.question_len, question_only)
+    batch = _step_batch(next(loader), c.question_len, question_only, c.num_answers)
     state, metrics = step_fn(state, frozen, parallel.global_batch(batch, mesh),
                              dropout_rng)
     bar.update(1)

@@ -14,10 +14,15 @@ from lfpr_jax.data.answers import process_answers
 from lfpr_jax.data.text import make_context_tokens, word_tokenize
 from lfpr_jax.data.vocab import AnswerVocab
 
+ALL_TYPES = {"ocr_position": 0.25, "ocr_relation": 0.05, "ocr_on_object": 0.20,
+             "ocr_multi": 0.10, "count": 0.10, "colour": 0.10, "exists": 0.10,
+             "no_ocr": 0.10}
+"""Every question type (the default mix leaves `count` out)."""
 TINY = synthetic.SyntheticSpec(
     seed=3, num_train=60, num_val=20, num_test=20, feat_dim=16, max_objects=10,
     min_objects=3, max_ocr=8, min_ocr=3, num_object_classes=10, ocr_lexicon_size=40,
-    novel_lexicon_size=20, novel_word_fraction=0.5, answer_variant_prob=0.5)
+    novel_lexicon_size=20, novel_word_fraction=0.5, answer_variant_prob=0.5,
+    type_fractions=ALL_TYPES)
 MICRO = synthetic.SyntheticSpec(
     seed=5, num_train=8, num_val=4, num_test=4, feat_dim=8, max_objects=8, max_ocr=7,
     num_object_classes=8, ocr_lexicon_size=20, novel_lexicon_size=10)
@@ -238,7 +243,7 @@ def test_answers_follow_the_geometry(dataset):
       seen[qtype] += 1
       if qtype == "ocr_position":
         index = synthetic.position_answer(directions[q], boxes, obj["image_width"],
-                                          obj["image_height"])
+                                          obj["image_height"], TINY.position_margin)
         assert index >= 0 and tokens[index] == answer
       elif qtype in ("ocr_on_object", "ocr_multi"):
         name = _class_in(q, names)
@@ -392,6 +397,41 @@ def test_spec_validation_and_round_trip():
     synthetic.SyntheticSpec(max_ocr=4, min_ocr=2)
   with pytest.raises(ValueError, match="unknown SyntheticSpec field"):
     synthetic.SyntheticSpec.from_dict({"sead": 1})
+
+
+def test_default_mix_covers_the_issue():
+  spec = synthetic.SyntheticSpec()
+  fractions = spec.fractions
+  # OCR copies chosen by position / by object, multi-token copies, fixed-vocabulary
+  # answers (yes/no, colours) and images without OCR are all in the default mix.
+  for qtype in (*synthetic.OCR_COPY_TYPES, "exists", "colour", "no_ocr"):
+    assert fractions[qtype] > 0, qtype
+  assert sum(fractions[t] for t in synthetic.OCR_COPY_TYPES) >= 0.5
+  assert spec.text_on_distractor_prob > 0 and spec.feature_noise > 0
+
+
+def test_position_margin(tmp_path):
+  spec = synthetic.SyntheticSpec(
+      seed=7, num_train=40, num_val=4, num_test=4, feat_dim=8, max_objects=8,
+      max_ocr=8, num_object_classes=8, ocr_lexicon_size=30, novel_lexicon_size=10,
+      position_margin=0.2, type_fractions={"ocr_position": 0.8, "no_ocr": 0.2})
+  root = synthetic.generate(tmp_path / "d", spec).parent
+  manifest = synthetic.read_manifest(root)
+  directions = {t: d for d, (_, _, templates) in enumerate(synthetic.POSITIONS)
+                for t in templates}
+  checked = 0
+  for entry in _entries(root, manifest, "train"):
+    if entry["question_type"] != "ocr_position":
+      continue
+    obj = _info(root, manifest, "obj_feat_dir", "train", entry["image_id"])
+    boxes = _info(root, manifest, "ocr_feat_dir", "train", entry["image_id"])["ocr_boxes"]
+    d = directions[entry["question"]]
+    assert synthetic.position_answer(d, boxes, obj["image_width"], obj["image_height"],
+                                     0.2) >= 0
+    checked += 1
+  assert checked == 32
+  with pytest.raises(ValueError, match="position_margin"):
+    synthetic.SyntheticSpec(position_margin=1.5)
 
 
 def test_geometry_rules():
