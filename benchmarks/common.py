@@ -164,7 +164,7 @@ def random_batch(rng: np.random.Generator, config: TapConfig, batch_size: int
     batch_size: B.
 
   Returns:
-    Upstream-named numpy arrays: the model fields of `lfpr_jax.batch.model_inputs`
+    Upstream-named numpy arrays: the model fields of `lfpr_jax.models.batch.model_inputs`
     plus `targets` `[B, T, C]` and `train_loss_mask` `[B, T]`.
   """
   c, b = config, batch_size

@@ -64,7 +64,9 @@ import optax
 
 from benchmarks import common
 from benchmarks.tap_cpu import xla_estimates
-from lfpr_jax import importance, parallel, train
+from lfpr_jax.pruning import scoring as importance
+from lfpr_jax.training import parallel
+from lfpr_jax.training import step as train
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params, init_params
 from lfpr_jax.models.tap import TAP
@@ -111,16 +113,16 @@ def rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 
 
 def trainable_patterns(config: TapConfig, layers: int) -> list[str]:
-  """`rest.trainable_patterns`; a copy only where `lfpr_jax.rest` cannot be imported.
+  """`rest.trainable_patterns`; a copy only where `lfpr_jax.pruning.rest` cannot be imported.
 
-  `lfpr_jax.rest` imports the data pipeline (grain, orbax), which a bare GPU image may
+  `lfpr_jax.pruning.rest` imports the data pipeline (grain, orbax), which a bare GPU image may
   lack. The copy is checked against the library wherever both exist.
   """
   n = config.mmt_layers
   copy = ([train.GROUP_PATTERNS[0][1].pattern, r"^classifier_", r"^ocr_ptr_net/"]
           + [rf"^mmt_layer_{i}/" for i in range(n - layers, n)])
   try:
-    from lfpr_jax import rest  # pylint: disable=import-outside-toplevel
+    from lfpr_jax.pruning import rest  # pylint: disable=import-outside-toplevel
   except ImportError:
     return copy
   lib = rest.trainable_patterns(config, layers)
@@ -133,7 +135,7 @@ def trainable_patterns(config: TapConfig, layers: int) -> list[str]:
 def rest_settings() -> dict[str, Any]:
   """`rest.RestSettings` defaults (lr, mask_lr, clip_norm, loss_shards, dropout key)."""
   try:
-    from lfpr_jax import rest  # pylint: disable=import-outside-toplevel
+    from lfpr_jax.pruning import rest  # pylint: disable=import-outside-toplevel
     s = rest.RestSettings(percent=73.0, layers=0)
     return {"lr": s.lr, "mask_lr": s.mask_lr, "clip_norm": s.clip_norm,
             "loss_shards": s.loss_shards, "fixed_dropout_key": s.fixed_dropout_key}

@@ -53,7 +53,9 @@ import optax  # noqa: E402
 
 from benchmarks import common, lfpr_cpu  # noqa: E402
 from benchmarks.tap_cpu import xla_estimates  # noqa: E402
-from lfpr_jax import importance, parallel, train  # noqa: E402
+from lfpr_jax.pruning import scoring as importance  # noqa: E402
+from lfpr_jax.training import parallel  # noqa: E402
+from lfpr_jax.training import step as train  # noqa: E402
 from lfpr_jax.models.config import TapConfig  # noqa: E402
 from lfpr_jax.models.params import count_params, init_params  # noqa: E402
 from lfpr_jax.models.tap import TAP  # noqa: E402

@@ -19,7 +19,7 @@ timed `--repeats` times with `jax.block_until_ready`. Stages:
   train_step          value_and_grad of the M4C loss w.r.t. all params, dropout off
                       (the headline: deterministic, comparable across frameworks);
   train_step_dropout  the same with dropout on (what upstream training runs);
-  greedy_cached       `lfpr_jax.decoding.greedy_decode` (encoder once, KV cache);
+  greedy_cached       `lfpr_jax.models.decoding.greedy_decode` (encoder once, KV cache);
   greedy_reference    `greedy_decode_reference` (upstream's 12 full passes), one jit;
   matmul_jax          4096 x 4096 float32 matmul (the machine's peak GFLOP/s);
   matmul_numpy        the same in numpy (its BLAS).
@@ -49,9 +49,9 @@ import jaxlib
 import numpy as np
 
 from benchmarks import common
-from lfpr_jax.batch import model_inputs
-from lfpr_jax.decoding import greedy_decode, greedy_decode_reference
-from lfpr_jax.losses import m4c_decoding_bce
+from lfpr_jax.models.batch import model_inputs
+from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
+from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, count_params, init_params
 from lfpr_jax.models.tap import TAP
@@ -69,7 +69,7 @@ DESCRIPTIONS = {
     "train_step_dropout": "forward + M4C loss + backward, train mode with dropout "
                           "(what upstream's training step runs)",
     "greedy_cached": "greedy decoding, 12 steps, encoder once + KV cache "
-                     "(lfpr_jax.decoding.greedy_decode)",
+                     "(lfpr_jax.models.decoding.greedy_decode)",
     "greedy_reference": "greedy decoding as upstream: 12 full teacher-forced passes "
                         "(greedy_decode_reference, jitted as a whole)",
     "matmul_jax": f"{common.MATMUL_N}x{common.MATMUL_N} float32 matmul, jax.jit(jnp.dot)",

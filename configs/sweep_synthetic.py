@@ -12,13 +12,7 @@ retraining-free restoration.
 
 import ml_collections
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "synthetic_config", os.path.join(os.path.dirname(__file__), "synthetic.py"))
-_synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_synthetic)
+from configs import synthetic as _synthetic
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

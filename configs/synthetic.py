@@ -28,7 +28,7 @@ budget): 0.164 after 1761 steps, the generator's best question-only answer (0.15
 
 import ml_collections
 
-from lfpr_jax import schedules
+from configs import common as schedules
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ are described in lfpr_jax/lfpr.py and lfpr_jax/schedules.py (LFPR.md §6.7).
 
 import ml_collections
 
-from lfpr_jax import schedules
+from configs import common as schedules
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ state dicts, `module.` prefixes and the output of LFPR's `create_pruned_model`
 sizes) is inferred from the tensor shapes; `--arch`, `--cfg-head`, `--cfg-ffn`,
 `--cfg-file` override it. The result is checked leaf by leaf against
 `jax.eval_shape` of the model and written as an Orbax checkpoint plus `arch.json`
-(`lfpr_jax.checkpointing.load_model` rebuilds the model from that alone).
+(`lfpr_jax.training.checkpointing.load_model` rebuilds the model from that alone).
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.cfg_file:
     cfg_head, cfg_ffn = _read_cfg_file(args.cfg_file)
   from converters.torch_pickle import TorchFileError
-  from lfpr_jax import checkpointing
+  from lfpr_jax.training import checkpointing
   try:
     checkpointing.check_output_dir(args.out, overwrite=args.overwrite)
     config, params = convert(args.checkpoint, arch=args.arch, cfg_head=cfg_head,

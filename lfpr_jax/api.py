@@ -11,7 +11,7 @@
     answer_indices = greedy_scores.argmax(-1)              # [B, 12], < V_a: vocab, else OCR
 
 Every method validates the batch against the architecture first
-(`lfpr_jax.batch.model_inputs`) and runs a jitted function in eval mode.
+(`lfpr_jax.models.batch.model_inputs`) and runs a jitted function in eval mode.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from lfpr_jax import checkpointing
-from lfpr_jax.batch import model_inputs
-from lfpr_jax.decoding import greedy_decode
-from lfpr_jax.losses import m4c_decoding_bce
+from lfpr_jax.training import checkpointing
+from lfpr_jax.models.batch import model_inputs
+from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import check_params
 from lfpr_jax.models.tap import TAP

@@ -6,10 +6,10 @@ r"""Entry point: `python -m lfpr_jax.main --config=configs/<name>.py --workdir=D
 Stages (each cached in the workdir and skipped when its output exists): data
 preparation (synthetic generation, ArrayRecord build), the base model (trained from
 scratch on the synthetic benchmark when the workdir has none, else
-`config.base_model`), then LFPR (`lfpr_jax.lfpr`): t*, importance, selection,
+`config.base_model`), then LFPR (`lfpr_jax.experiments.lfpr`): t*, importance, selection,
 surgery, pseudo-labels, ReSt and evaluation, ending with the results table.
 A config with a `sweep` section (configs/sweep_synthetic.py) runs the comparison grid
-of `lfpr_jax.sweep` instead. `--question_only` trains the image-blind ablation.
+of `lfpr_jax.experiments.sweep` instead. `--question_only` trains the image-blind ablation.
 
 On a cluster (SLURM, Cloud TPU, Kubernetes, or with JAX_COORDINATOR_ADDRESS set) every
 process runs this same command; `jax.distributed.initialize()` detects the cluster.
@@ -23,7 +23,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lfpr_jax import finetune, lfpr, sweep
+from lfpr_jax.experiments import base_model as finetune
+from lfpr_jax.experiments import lfpr
+from lfpr_jax.experiments import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lfpr_jax.api import TapModel
-from lfpr_jax.batch import model_inputs
+from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import init_params
 

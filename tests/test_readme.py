@@ -5,7 +5,7 @@ import pathlib
 import re
 
 from converters.torch_to_flax import infer_config, state_dict_to_params
-from lfpr_jax import checkpointing
+from lfpr_jax.training import checkpointing
 from tests.conftest import REPO, golden_state_dict
 
 

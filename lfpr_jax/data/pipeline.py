@@ -12,7 +12,7 @@ source of `SampleBuilder` examples, such as a list - and returns a Grain
 * **Shuffling.** A global shuffle of the shard, seeded by `seed`, different (and
   deterministic) in every epoch; the same seed gives the same order.
 * **Batching.** dicts of numpy arrays, batch first, named as the model reads them
-  (`lfpr_jax.batch.model_inputs(batch, config, with_targets=True)` accepts them), plus
+  (`lfpr_jax.models.batch.model_inputs(batch, config, with_targets=True)` accepts them), plus
   the metric fields (`question_id`, `image_id`, `context_tokens`, `answers`,
   `has_answers`, `image_width`, `image_height`); strings are object arrays of UTF-8
   `bytes`. `drop_remainder` drops the last partial batch (training).

@@ -61,7 +61,7 @@ from typing import Any, Container, Mapping, Sequence
 import numpy as np
 
 from lfpr_jax.data.text import word_tokenize
-from lfpr_jax.metrics import textvqa_accuracy
+from lfpr_jax.data.metrics import textvqa_accuracy
 
 FORMAT_VERSION: int = 1
 GENERATOR_NAME: str = "lfpr_jax.data.synthetic"

@@ -10,7 +10,7 @@ Two ways to run the multimodal transformer:
     prefix-LM mask (the training branch; also the LFPR teacher-forced objective);
   * `TAP.encode` + `TAP.decode_step`: the 370 encoder rows once, then one decoder row
     per step attending to cached keys/values. Exact, because encoder rows give weight
-    exp(-10000) = 0 to every decoder key (TAP.md §4.6). `lfpr_jax.decoding` builds
+    exp(-10000) = 0 to every decoder key (TAP.md §4.6). `lfpr_jax.models.decoding` builds
     greedy decoding from these two methods.
 
 Head and FFN-neuron masks are explicit arguments (`head_mask`, `ffn_mask`; ones = no-op)
@@ -358,7 +358,7 @@ class OcrPtrNet(nn.Module):
 class TAP(nn.Module):
   """The TAP Text-VQA model (`m4c_split`; `m4c_lfpr_config` when pruned).
 
-  Inputs are the canonical model fields of `lfpr_jax.batch.model_inputs`:
+  Inputs are the canonical model fields of `lfpr_jax.models.batch.model_inputs`:
     cmb_text [B, 170] int, image_feature_0 [B, 100, 2048], obj_bbox_coordinates
     [B, 100, 4], obj_num [B], image_feature_1 [B, 100, 2048], context_feature_0
     [B, 100, 300], context_feature_1 [B, 100, 604], ocr_bbox_coordinates [B, 100, 4],

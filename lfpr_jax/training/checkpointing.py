@@ -1,0 +1,211 @@
+"""Model directories: an Orbax parameter checkpoint plus `arch.json`.
+
+Layout of a model directory (written atomically: a temporary sibling directory is
+filled, then renamed into place, so an interrupted write leaves nothing half-written):
+
+    DIR/arch.json     {"format": "lfpr_jax.model/1", "config": TapConfig fields, ...}
+    DIR/params/       Orbax StandardCheckpointer tree of float32 parameters
+
+`load_model(DIR)` rebuilds the model from these two alone. Only this module imports
+orbax, so a later move to the Orbax V1 API stays local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lfpr_jax import atomic
+from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.params import abstract_params, check_params
+
+PyTree = Any
+FORMAT = "lfpr_jax.model/1"
+ARCH_FILE = "arch.json"
+PARAMS_DIR = "params"
+
+
+def check_output_dir(path: str, *, overwrite: bool = False) -> None:
+  """Fails early (before long work) if `path` exists and may not be replaced."""
+  if os.path.exists(path) and not overwrite:
+    raise ValueError(f"output {path} already exists; pass overwrite to replace it.")
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"cannot write into {parent}.")
+
+
+def save_model(path: str, config: TapConfig, params: PyTree, *,
+               overwrite: bool = False, extra: Mapping[str, Any] | None = None
+               ) -> None:
+  """Writes `params` (validated against `config`) and `arch.json` to `path`."""
+  check_params(params, config)
+  check_output_dir(path, overwrite=overwrite)
+  with atomic.directory(path) as tmp:
+    _save_params(os.path.join(tmp, PARAMS_DIR), params)
+    meta = {"format": FORMAT, "config": config.to_dict(), **dict(extra or {})}
+    with open(os.path.join(tmp, ARCH_FILE), "w") as f:
+      json.dump(meta, f, indent=1)
+
+
+def _save_params(path: str, params: PyTree) -> PyTree:
+  """Saves float32 host copies of `params` with Orbax; returns them."""
+  host = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, host)
+  ckptr.wait_until_finished()
+  return host
+
+
+def load_config(path: str) -> TapConfig:
+  """The architecture stored in a model directory."""
+  arch = os.path.join(path, ARCH_FILE)
+  if not os.path.isfile(arch):
+    raise FileNotFoundError(
+        f"{path} is not an lfpr_jax model directory (no {ARCH_FILE}); convert an "
+        "upstream checkpoint with `python -m converters.torch_to_flax`.")
+  with open(arch) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{arch}: unknown format {meta.get('format')!r}, "
+                     f"expected {FORMAT!r}.")
+  return TapConfig.from_dict(meta["config"])
+
+
+def load_model(path: str) -> tuple[TapConfig, PyTree]:
+  """Reads `(config, params)` from a model directory written by `save_model`."""
+  config = load_config(path)
+  abstract = abstract_params(config)
+  params = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(path), PARAMS_DIR), abstract)
+  check_params(params, config)
+  return config, params
+
+
+# ------------------------------------------------------------------ fingerprints
+
+
+def params_sha256(params: PyTree) -> str:
+  """SHA-256 over every leaf (path, dtype, shape, float32 bytes) in sorted path order."""
+  import hashlib
+
+  import flax
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  h = hashlib.sha256()
+  for path in sorted(flat):
+    a = np.ascontiguousarray(np.asarray(flat[path], np.float32))
+    h.update(f"{path}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def directory_bytes(path: str) -> int:
+  """Bytes of all files under `path`."""
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+# ---------------------------------------------------------------- delta checkpoints
+
+DELTA_FORMAT = "lfpr_jax.delta/1"
+DELTA_FILE = "delta.json"
+MASKS_FILE = "selection_masks.npz"
+
+
+def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
+               head_mask: np.ndarray, ffn_mask: np.ndarray, base_sha256: str,
+               overwrite: bool = False, extra: Mapping[str, Any] | None = None
+               ) -> None:
+  """Writes a ReSt delta: only the retrained tensors, the selection and the base hash.
+
+  With the unpruned base model it rebuilds the retrained model (`load_delta`); its size
+  is what the paper's "File Size" column reports for ReSt (LFPR.md §7.4). The binary
+  selection masks are stored as bits.
+  """
+  check_output_dir(path, overwrite=overwrite)
+  with atomic.directory(path) as tmp:
+    host = _save_params(os.path.join(tmp, PARAMS_DIR), trainable)
+    np.savez_compressed(os.path.join(tmp, MASKS_FILE),
+                        head=np.packbits(np.asarray(head_mask) > 0, axis=-1),
+                        ffn=np.packbits(np.asarray(ffn_mask) > 0, axis=-1),
+                        head_shape=np.asarray(np.shape(head_mask)),
+                        ffn_shape=np.asarray(np.shape(ffn_mask)))
+    meta = {"format": DELTA_FORMAT, "config": pruned_config.to_dict(),
+            "base_sha256": base_sha256,
+            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(host))),
+            **dict(extra or {})}
+    with open(os.path.join(tmp, DELTA_FILE), "w") as f:
+      json.dump(meta, f, indent=1)
+
+
+def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:
+  """Rebuilds a retrained model from its delta and the unpruned base model directory.
+
+  Raises:
+    ValueError: the base model is not the one the delta was made from (hash mismatch).
+  """
+  from lfpr_jax.pruning import surgery  # noqa: PLC0415
+  from lfpr_jax.training import step as train  # noqa: PLC0415
+  with open(os.path.join(path, DELTA_FILE)) as f:
+    meta = json.load(f)
+  if meta.get("format") != DELTA_FORMAT:
+    raise ValueError(f"{path}: not an lfpr_jax delta (format {meta.get('format')!r}).")
+  base_config, base_params = load_model(base_dir)
+  digest = params_sha256(base_params)
+  if digest != meta["base_sha256"]:
+    raise ValueError(f"{base_dir} is not the base model of the delta {path} "
+                     f"(sha256 {digest[:12]}..., expected {meta['base_sha256'][:12]}...).")
+  with np.load(os.path.join(path, MASKS_FILE)) as m:
+    head = np.unpackbits(m["head"], axis=-1)[..., :int(m["head_shape"][-1])]
+    ffn = np.unpackbits(m["ffn"], axis=-1)[..., :int(m["ffn_shape"][-1])]
+  pruned, config = surgery.prune(base_params, base_config, head.astype(np.float32),
+                                 ffn.astype(np.float32))
+  expected = TapConfig.from_dict(meta["config"])
+  if config != expected:
+    raise ValueError(f"{path}: the stored selection gives {config.mmt_heads}/"
+                     f"{config.mmt_ffn}, the delta expects {expected.mmt_heads}/"
+                     f"{expected.mmt_ffn}.")
+  trained = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(path), PARAMS_DIR))
+  params = train.merge_params(pruned, trained)
+  check_params(params, config)
+  return config, params
+
+
+# ------------------------------------------------------------- training checkpoints
+
+
+def train_manager(directory: str) -> ocp.CheckpointManager:
+  """An Orbax manager keeping the latest training checkpoint under `directory`."""
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           enable_async_checkpointing=False))
+
+
+def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTree,
+                          loader: Any) -> None:
+  """Saves the train state and the Grain iterator position at `step`."""
+  import grain
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(jax.device_get(state)),
+      loader=grain.checkpoint.CheckpointSave(loader)))
+  manager.wait_until_finished()
+
+
+def restore_train_checkpoint(manager: ocp.CheckpointManager, step: int,
+                             abstract_state: PyTree, loader: Any) -> PyTree:
+  """Restores the train state (returned) and the iterator position (in place)."""
+  import grain
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      loader=grain.checkpoint.CheckpointRestore(loader)))
+  return restored["state"]

@@ -1,0 +1,64 @@
+"""End-to-end: `python -m lfpr_jax.main --config=configs/synthetic.py:tiny` runs every
+stage (data, base model, t*, importance, selection, surgery, pseudo-labels, ReSt,
+evaluation), prints the table, and a second run reuses every stage."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from lfpr_jax.training import checkpointing
+from lfpr_jax.training import step as train
+from tests.conftest import REPO
+
+
+def _main(workdir, *extra, config="configs/synthetic.py:tiny"):
+  cmd = [sys.executable, "-m", "lfpr_jax.main", f"--config={config}",
+         f"--workdir={workdir}", *extra]
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
+                        timeout=900)
+
+
+def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
+  out = _main(tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| sum_0.4 |" in out.stdout and "retention" in out.stdout
+  summary = json.loads((tmp_path / "base_model.json").read_text())
+  assert summary["steps"] == 6 and summary["val_examples"] == 64
+  row = json.loads((tmp_path / "lfpr" / "results.jsonl").read_text().splitlines()[0])
+  assert 0.3 < row["mmt_kept_fraction"] <= 0.41
+  assert row["rest_examples"] == round(0.73 * 192)
+  assert row["rest_steps"] == -(-row["rest_examples"] // 16)
+  assert row["delta_checkpoint_mb"] < row["full_checkpoint_mb"]
+  assert (tmp_path / "lfpr" / "sum_0.4" / "cfg.txt").read_text().count("\n") == 2
+  # The delta plus the base model rebuild the saved retrained model exactly.
+  config, params = checkpointing.load_model(str(tmp_path / "lfpr" / "sum_0.4" / "model"))
+  dconfig, dparams = checkpointing.load_delta(str(tmp_path / "lfpr" / "sum_0.4" / "delta"),
+                                              str(tmp_path / "base_model"))
+  assert dconfig == config and config.learnable_masks
+  for k, v in train.flat(params).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(train.flat(dparams)[k]),
+                                  err_msg=k)
+  # A second run reuses every stage and prints the same table.
+  again = _main(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  table = lambda text: text[text.index("| target"):]
+  assert table(again.stdout) == table(out.stdout)
+  assert "reusing" in again.stderr and "ReSt" not in again.stderr
+  # A different config in the same workdir is refused with one clear message.
+  bad = _main(tmp_path, "--config.rest.lr=0.1")
+  assert bad.returncode != 0 and "different config" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  # The comparison sweep reuses the workdir's data, base model, t* and pseudo-labels.
+  sweep = _main(tmp_path, config="configs/sweep_synthetic.py:tiny")
+  assert sweep.returncode == 0, sweep.stderr[-3000:]
+  assert "| lfpr + rest | 0.4 |" in sweep.stdout and "| fisher + kwon | 0.4 |" in sweep.stdout
+  lines = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
+  assert len(lines) == 1 + 16 and lines[0].startswith("method,criterion,restoration")
+  png = (tmp_path / "sweep" / "accuracy_vs_params.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  meta = json.loads((tmp_path / "sweep" / "metadata.json").read_text())
+  assert meta["versions"]["jax"] and meta["config"]["sweep"]["criteria"]
+  assert "reusing" in sweep.stderr and "pseudo-labels:" not in sweep.stderr  # reused

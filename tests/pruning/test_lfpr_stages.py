@@ -1,0 +1,340 @@
+"""LFPR stages on small shapes: t*, importance, pseudo-labels, ReSt (data parallel,
+resume, frozen set, non-finite loss), delta checkpoints and config checks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.synthetic import get_config
+from configs import common as schedules
+from lfpr_jax.training import checkpointing
+from lfpr_jax.experiments import base_model as finetune
+from lfpr_jax.pruning import scoring as importance
+from lfpr_jax.experiments import lfpr
+from lfpr_jax.training import parallel
+from lfpr_jax.pruning import pseudo_labels
+from lfpr_jax.pruning import rest
+from lfpr_jax.pruning import surgery
+from lfpr_jax.training import step as train
+from lfpr_jax.data.answers import decode_answer, process_answers
+from lfpr_jax.data.pipeline import decode_strings, make_loader
+from lfpr_jax.models.decoding import greedy_decode_reference
+from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.params import abstract_params, init_params
+from lfpr_jax.models.tap import TAP
+
+
+# ----------------------------------------------------------------------------- t*
+
+
+def test_t_star_percentile_then_truncate():
+  assert importance.t_star_of(np.array([0, 1]), 12) == 0        # median 0.5 -> 0
+  assert importance.t_star_of(np.array([1, 2, 2, 3]), 12) == 2
+  assert importance.t_star_of(np.array([3, 1, 2, 2, 9]), 12) == 2
+  with pytest.raises(ValueError, match="t\\* must be"):
+    importance.check_t_star(12, 12)
+  with pytest.raises(ValueError, match="at least one"):
+    importance.t_star_of(np.array([]), 12)
+
+
+def test_first_max_step_ties_and_batch_search():
+  s = np.zeros((2, 3, 4), np.float32)
+  s[0, 1, 2] = s[0, 2, 0] = 5.0          # tie inside sample 0: first in (t, c) order
+  s[1, 2, 3] = 5.0                        # sample 1's max equals sample 0's
+  s[1, 0, 0] = 1.0
+  np.testing.assert_array_equal(importance.first_max_steps(jnp.asarray(s)), [1, 2])
+  # Upstream's whole-batch search finds sample 0's value first for sample 1 too.
+  np.testing.assert_array_equal(
+      importance.first_max_steps(jnp.asarray(s), batch_search=True), [1, 1])
+
+
+# ------------------------------------------------------------------- importance
+
+
+SMALL = TapConfig(arch="small", text_bert_layers=1, mmt_heads=(2, 2), mmt_ffn=(16, 16),
+                  hidden_size=64, head_dim=32, text_heads=2, text_ffn=32, vocab_size=50,
+                  question_len=4, text_len=12, ocr_text_len=4, num_answers=20,
+                  obj_max=5, ocr_max=6, decode_steps=4, obj_feat_dim=16,
+                  ocr_feat_dim=16, fc7_dim=16, ptr_query_key_size=64,
+                  max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0,
+                  obj_dropout=0.0, ocr_dropout=0.0)
+
+
+def _inputs(config: TapConfig, batch: int, seed: int = 0) -> dict:
+  from tests.test_api import random_batch  # noqa: PLC0415
+  from lfpr_jax.models.batch import model_inputs  # noqa: PLC0415
+  b = random_batch(config, batch, seed)
+  b["context_info_0"]["max_features"] = np.full(batch, config.ocr_max)  # all valid
+  return {k: v for k, v in model_inputs(b, config, with_targets=False).items()
+          if k in lfpr.MODEL_FIELDS}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+  params = init_params(SMALL, jax.random.key(3))
+  # Larger pointer queries so that OCR copies win some steps, as in the golden model.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 4 if "ocr_ptr_net" in jax.tree_util.keystr(p) else x, params)
+  return TAP(SMALL), params
+
+
+@pytest.mark.parametrize("t_star", [0, 2])
+def test_per_sample_grads_equal_upstream_structure(small_model, t_star):
+  """vmap(grad) through the cached decoder equals grad of upstream's last pass
+  (t*+1 full passes, earlier passes only feed argmaxes), sample by sample."""
+  model, params = small_model
+  inputs = _inputs(SMALL, 4)
+  w = jnp.array([1.0, 1.0, 1.0, 0.0])
+  values, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
+      model, params, x, w, t_star=t_star, bos_index=1))(inputs, w)
+  ones = (jnp.ones((2, 2)), jnp.ones((2, 16)))
+
+  def upstream(h, f, x):
+    scores, _ = greedy_decode_reference(model, {"params": params}, x,
+                                        num_steps=t_star + 1, head_mask=h, ffn_mask=f)
+    return jnp.sum(jnp.max(scores[:, t_star], axis=-1))
+  upstream_grad = jax.jit(jax.value_and_grad(upstream, argnums=(0, 1)))
+  for i in range(4):
+    xi = jax.tree.map(lambda a: a[i:i + 1], inputs)
+    v, (rh, rf) = upstream_grad(*ones, xi)
+    scale = float(w[i])
+    np.testing.assert_allclose(values[i], scale * v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gh[i], scale * rh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gf[i], scale * rf, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(gh[:3])).max() > 0   # the test can fail: grads are non-zero
+
+
+def test_group_grads_are_sums_of_sample_grads(small_model):
+  """Invariant 3: with dropout rates 0, a batch's gradient = sum of per-sample ones."""
+  model, params = small_model
+  inputs = _inputs(SMALL, 8, seed=5)
+  w = jnp.ones(8)
+  _, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
+      model, params, x, w, t_star=1, bos_index=1))(inputs, w)
+  _, Gh, Gf = jax.jit(lambda x, w: importance.group_mask_grads(
+      model, params, x, w, jax.random.key(0), t_star=1, bos_index=1, group_size=4))(
+          inputs, w)
+  np.testing.assert_allclose(Gh, gh.reshape(2, 4, 2, 2).sum(1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(Gf, gf.reshape(2, 4, 2, 16).sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_accumulator_per_batch_and_per_sample():
+  rng = np.random.default_rng(0)
+  gh, gf = rng.normal(size=(10, 2, 3)), rng.normal(size=(10, 2, 5))
+  acc = importance.ImportanceAccumulator((2, 3), (2, 5), group_size=4)
+  acc.add_samples(gh[:3], gf[:3], np.arange(3))      # a group spans two calls
+  acc.add_samples(gh[3:], gf[3:], np.arange(3, 10))
+  imp = acc.result(t_star=1)
+  groups = [slice(0, 4), slice(4, 8), slice(8, 10)]  # the last group is partial
+  np.testing.assert_allclose(imp.head, sum(gh[g].sum(0) ** 2 for g in groups))
+  np.testing.assert_allclose(imp.ffn, sum(gf[g].sum(0) ** 2 for g in groups))
+  np.testing.assert_allclose(imp.head_per_sample, (gh ** 2).sum(0))
+  assert imp.num_samples == 10 and list(imp.question_ids) == list(range(10))
+  with pytest.raises(ValueError, match="all importances are zero"):
+    importance.ImportanceAccumulator((1, 1), (1, 1)).result(0)
+  with pytest.raises(ValueError, match="not finite"):
+    importance.check_importance(np.array([[np.nan]]), np.ones((1, 1)))
+
+
+def test_importance_save_load(tmp_path):
+  imp = importance.Importance(np.ones((2, 2)), np.ones((2, 3)), None, None, 1, 8, 5,
+                              np.arange(5))
+  imp.save(str(tmp_path / "i.npz"))
+  back = importance.Importance.load(str(tmp_path / "i.npz"))
+  assert back.head_per_sample is None and back.t_star == 1
+  with pytest.raises(ValueError, match="per-sample"):
+    back.scores(per_sample=True)
+
+
+# ------------------------------------------------------------- schedules, subsets
+
+
+def test_upstream_iteration_counts():
+  """Invariant 10: ceil(ceil(N/2)/8) for the implied subset sizes of §6.2."""
+  table = {3460: 217, 20760: 1298, 25370: 1586, 27670: 1730, 29975: 1874, 34602: 2163,
+           2340: 147, 14070: 880, 16410: 1026, 17190: 1075, 18760: 1173, 20310: 1270,
+           21095: 1319, 23446: 1466}
+  for n, it in table.items():
+    assert rest.upstream_iterations(n) == it, n
+  assert rest.RestSettings(percent=10, layers=0).num_steps(33) == 3
+
+
+def test_subsets_are_nested_and_seeded():
+  a = pseudo_labels.subset_indices(1000, 10, seed=0)
+  b = pseudo_labels.subset_indices(1000, 73, seed=0)
+  assert len(a) == 100 and len(b) == 730 and set(a) <= set(b)
+  np.testing.assert_array_equal(a, pseudo_labels.subset_indices(1000, 10, seed=0))
+  assert not np.array_equal(a, pseudo_labels.subset_indices(1000, 10, seed=1))
+  with pytest.raises(ValueError, match="\\(0, 100\\]"):
+    pseudo_labels.subset_indices(10, 0, seed=0)
+
+
+def test_trainable_count_formula():
+  """Invariant 9 for TAP's shapes: 5,026,184 + masks + the last k layers."""
+  heads, ffn = (3, 2, 0, 5), (1420, 0, 1362, 1387)
+  config = TapConfig.tap().pruned(heads, ffn, learnable_masks=True)
+  params = abstract_params(config)
+  layer = lambda h, n: 196_800 * h + 1_537 * n + 4_608
+  for k in range(5):
+    got = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        rest.trainable_params(params, config, k)))
+    want = 5_026_184 + sum(heads) + sum(ffn) + sum(
+        layer(h, n) for h, n in list(zip(heads, ffn))[4 - k:])
+    assert got == want, k
+  with pytest.raises(ValueError, match="trailing"):
+    rest.trainable_patterns(config, 5)
+
+
+def test_targets_and_bad_config():
+  config = get_config()
+  assert [t.name for t in lfpr.targets_of(config)] == ["sum_0.4"]
+  assert lfpr.targets_of(config)[0].percent == 73
+  for bad, match in (((1.5,), "\\(0, 1\\]"), ((0.0,), "\\(0, 1\\]"),
+                     ((0.45,), "no entry for constraint 0.45")):
+    c = get_config()
+    c.prune.constraints = bad
+    with pytest.raises(ValueError, match=match):
+      lfpr.targets_of(c)
+  c = get_config()
+  c.prune.heuristic, c.prune.percentiles = "thre", (120,)
+  with pytest.raises(ValueError, match="\\[0, 100\\]"):
+    lfpr.targets_of(c)
+  assert schedules.SUM[("tap12", "stvqa")][1] == (0.4, 60, 3)
+
+
+def test_workdir_config_check(tmp_path):
+  config = get_config("tiny")
+  lfpr.check_workdir(config, str(tmp_path / "lfpr"))
+  more = get_config("tiny")
+  more.prune.constraints = (0.4, 0.4)   # targets may be added
+  lfpr.check_workdir(more, str(tmp_path / "lfpr"))
+  other = get_config("tiny")
+  other.rest.lr = 1e-4
+  with pytest.raises(ValueError, match="different config.*rest.lr"):
+    lfpr.check_workdir(other, str(tmp_path / "lfpr"))
+
+
+# --------------------------------------------------------- data-backed ReSt tests
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """The :tiny synthetic dataset, a random base model and its pseudo-labels."""
+  config = get_config("tiny")
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  data = finetune.prepare_data(config, workdir)
+  mc = data.model_config
+  params = init_params(mc, jax.random.key(0))
+  mesh = parallel.make_mesh()
+  n = len(list(make_loader(data.built_dir, "train", 16, shuffle=False,
+                           drop_remainder=False))) * 16
+  labels = lfpr.compute_pseudo_labels(TAP(mc), parallel.replicate(params, mesh),
+                                      built_dir=data.built_dir, num_train=192,
+                                      local_batch=16, mesh=mesh,
+                                      bos_index=data.vocab.bos_idx, progress=False)
+  del n
+  head = np.ones((mc.mmt_layers, mc.mmt_heads[0]), np.float32)
+  ffn = np.ones((mc.mmt_layers, mc.mmt_ffn[0]), np.float32)
+  head[0, 1] = 0
+  ffn[0, ::3] = 0
+  pruned, pruned_config = surgery.prune(params, mc, head, ffn)
+  return dict(data=data, params=params, labels=labels, pruned=pruned,
+              pruned_config=pruned_config, masks=(head, ffn), workdir=workdir)
+
+
+def test_pseudo_labels_cover_train_and_rebuild_targets(tiny):
+  data, labels = tiny["data"], tiny["labels"]
+  assert len(labels.question_ids) == 192
+  transform = pseudo_labels.PseudoLabelTargets(labels, data.vocab, decode_steps=12,
+                                               ocr_slots=tiny["pruned_config"].ocr_max)
+  batch = next(make_loader(data.built_dir, "train", 4, shuffle=False))
+  lookup = labels.lookup()
+  for i in range(4):
+    example = {k: v[i] for k, v in batch.items()}
+    out = transform.map(example)
+    ctx = decode_strings(example["context_tokens"])
+    answer, _ = decode_answer(lookup[int(example["question_id"])], data.vocab, ctx)
+    want = process_answers([answer] * 10, ctx, data.vocab,
+                           num_ocr_slots=tiny["pruned_config"].ocr_max)
+    np.testing.assert_array_equal(out["targets"], want.targets)
+    np.testing.assert_array_equal(out["train_loss_mask"], want.train_loss_mask)
+    assert decode_strings(out["answers"]) == [answer] * 10
+
+
+def _retrain(tiny, directory, *, devices=None, stop_after=None, steps=None, layers=1):
+  data = tiny["data"]
+  settings = rest.RestSettings(percent=50, layers=layers, batch_size=8, ckpt_every=2,
+                               lr=1e-3)
+  indices = pseudo_labels.subset_indices(192, 50, seed=0)[:steps * 8 if steps else None]
+  transform = pseudo_labels.PseudoLabelTargets(
+      tiny["labels"], data.vocab, decode_steps=12,
+      ocr_slots=tiny["pruned_config"].ocr_max)
+  return rest.retrain(model_config=tiny["pruned_config"], params=tiny["pruned"],
+                      built_dir=data.built_dir, split="train", indices=indices,
+                      transforms=[transform], settings=settings, directory=directory,
+                      mesh=parallel.make_mesh(devices), rng=jax.random.key(1),
+                      progress=False, stop_after=stop_after)
+
+
+def _assert_trees(a, b, **kw):
+  fa, fb = train.flat(a), train.flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k, **kw)
+
+
+def test_rest_data_parallel_equals_single_device_and_freezes(tiny, tmp_path):
+  assert jax.device_count() == 4
+  single, s1 = _retrain(tiny, str(tmp_path / "one"), devices=jax.devices()[:1], steps=3)
+  multi, s4 = _retrain(tiny, str(tmp_path / "four"), steps=3)
+  assert s1["steps"] == s4["steps"] == 3
+  _assert_trees(multi, single, rtol=2e-5, atol=2e-6)
+  before, after = train.flat(tiny["pruned"]), train.flat(multi)
+  trained = set(train.flat(rest.trainable_params(multi, tiny["pruned_config"], 1)))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert changed and changed <= trained       # frozen leaves are bit-identical
+  assert any("mask" in k for k in changed)
+
+
+def test_rest_resume_equals_uninterrupted(tiny, tmp_path):
+  full, summary = _retrain(tiny, str(tmp_path / "a"), steps=5)
+  part, first = _retrain(tiny, str(tmp_path / "b"), steps=5, stop_after=3)
+  assert first["steps"] == 3 and not first["complete"]
+  resumed, second = _retrain(tiny, str(tmp_path / "b"), steps=5)
+  assert second["resumed_from"] == 3 and second["complete"] and summary["complete"]
+  _assert_trees(resumed, full, rtol=0, atol=0)
+  del part
+
+
+def test_rest_non_finite_loss_stops(tiny, tmp_path):
+  bad = train.flat(tiny["pruned"])
+  bad["classifier_bias"] = np.full_like(np.asarray(bad["classifier_bias"]), np.nan)
+  tiny_bad = {**tiny, "pruned": train.unflat(bad)}
+  with pytest.raises(FloatingPointError, match="step 1 produced a non-finite loss"):
+    _retrain(tiny_bad, str(tmp_path / "nan"), steps=3)
+  assert checkpointing.train_manager(str(tmp_path / "nan" / "ckpt")).latest_step() is None
+
+
+def test_delta_rebuilds_the_retrained_model(tiny, tmp_path):
+  retrained, _ = _retrain(tiny, str(tmp_path / "r"), steps=2)
+  base = str(tmp_path / "base")
+  checkpointing.save_model(base, tiny["data"].model_config, tiny["params"])
+  sha = checkpointing.params_sha256(tiny["params"])
+  trainable = rest.trainable_params(retrained, tiny["pruned_config"], 1)
+  checkpointing.save_delta(str(tmp_path / "delta"), trainable=trainable,
+                           pruned_config=tiny["pruned_config"],
+                           head_mask=tiny["masks"][0], ffn_mask=tiny["masks"][1],
+                           base_sha256=sha)
+  config, params = checkpointing.load_delta(str(tmp_path / "delta"), base)
+  assert config == tiny["pruned_config"]
+  _assert_trees(params, retrained, rtol=0, atol=0)
+  other = str(tmp_path / "other")
+  checkpointing.save_model(other, tiny["data"].model_config,
+                           init_params(tiny["data"].model_config, jax.random.key(9)))
+  with pytest.raises(ValueError, match="not the base model"):
+    checkpointing.load_delta(str(tmp_path / "delta"), other)
