@@ -67,6 +67,7 @@ from benchmarks.tap_cpu import xla_estimates
 from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.training import parallel
 from lfpr_jax.training import step as train
+from lfpr_jax.models.batch import INT_FIELDS, MODEL_INPUTS, STEP_FIELDS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params, init_params
 from lfpr_jax.models.tap import TAP
@@ -75,11 +76,6 @@ PyTree = Any
 
 SCHEMA = "lfpr_jax.benchmarks.lfpr_cpu/1"
 BOS_INDEX = 1
-INT_FIELDS = ("cmb_text", "obj_num", "ocr_num", "train_prev_inds")
-MODEL_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
-                "image_feature_1", "context_feature_0", "context_feature_1",
-                "ocr_bbox_coordinates", "ocr_num")
-STEP_FIELDS = MODEL_FIELDS + ("train_prev_inds", "targets", "train_loss_mask")
 # The paper's c = 0.4 TAP (11.4 M MMT parameters): per-layer heads and FFN widths.
 PRUNED_C04 = {"heads": (5, 3, 1, 2), "ffn": (1511, 1494, 1483, 1480)}
 # ../shared/golden/README.md: one upstream LFPR scoring batch of 8 at t = 0.
@@ -173,7 +169,7 @@ def scoring_stage(name: str, model: TAP, mesh: Any, params: PyTree,
                   ) -> Stage:
   """`make_grads_fn` (or a batched `grad`) + host transfer + float64 accumulation."""
   size = len(batch["cmb_text"])
-  feed = {k: batch[k] for k in MODEL_FIELDS}
+  feed = {k: batch[k] for k in MODEL_INPUTS}
   weights = np.ones(size, np.float32)
   hs, fs = importance.mask_shapes(model.config)
   rng = jax.random.key(0)

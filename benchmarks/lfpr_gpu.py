@@ -56,6 +56,7 @@ from benchmarks.tap_cpu import xla_estimates  # noqa: E402
 from lfpr_jax.pruning import scoring as importance  # noqa: E402
 from lfpr_jax.training import parallel  # noqa: E402
 from lfpr_jax.training import step as train  # noqa: E402
+from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS  # noqa: E402
 from lfpr_jax.models.config import TapConfig  # noqa: E402
 from lfpr_jax.models.params import count_params, init_params  # noqa: E402
 from lfpr_jax.models.tap import TAP  # noqa: E402
@@ -104,7 +105,7 @@ def scoring_pass(name: str, model: TAP, mesh: Any, params: Any,
   jitted = importance.make_grads_fn(model, mesh, t_star=t_star,
                                     bos_index=lfpr_cpu.BOS_INDEX, dropout=faithful,
                                     group_size=8)
-  batches = pool_slices({k: pool[k] for k in lfpr_cpu.MODEL_FIELDS}, size)
+  batches = pool_slices({k: pool[k] for k in MODEL_INPUTS}, size)
   rng = jax.random.key(0)
   calls = math.ceil(NUM_SCORING / size)
 
@@ -154,7 +155,7 @@ def tstar_pass(model: TAP, mesh: Any, params: Any, pool: dict[str, np.ndarray],
                size: int) -> dict[str, Any]:
   """Eval-mode greedy decoding of 3,000 samples (the t* determination)."""
   fn = importance.make_max_steps_fn(model, mesh, bos_index=lfpr_cpu.BOS_INDEX)
-  batches = pool_slices({k: pool[k] for k in lfpr_cpu.MODEL_FIELDS}, size)
+  batches = pool_slices({k: pool[k] for k in MODEL_INPUTS}, size)
   calls = math.ceil(NUM_SCORING / size)
   x0 = parallel.global_batch(batches[0], mesh)
   t0 = time.perf_counter()
@@ -186,7 +187,7 @@ def rest_epoch(name: str, config: TapConfig, params: Any, mesh: Any,
   frozen = parallel.replicate(frozen, mesh)
   step_fn = train.make_train_step(model, tx, mesh, loss_shards=s["loss_shards"],
                                   fixed_dropout_key=s["fixed_dropout_key"])
-  batches = pool_slices({k: pool[k] for k in lfpr_cpu.STEP_FIELDS}, 16)
+  batches = pool_slices({k: pool[k] for k in STEP_FIELDS}, 16)
   rng = jax.random.key(seed)
   b0 = parallel.global_batch(batches[0], mesh)
   t0 = time.perf_counter()

@@ -38,12 +38,6 @@ from lfpr_jax.data.vocab import AnswerVocab
 from lfpr_jax.models.config import TapConfig
 
 
-MODEL_FIELDS: tuple[str, ...] = (
-    "cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num", "image_feature_1",
-    "context_feature_0", "context_feature_1", "ocr_bbox_coordinates", "ocr_num",
-    "train_prev_inds")
-"""Fields the model reads (`lfpr_jax.models.batch`)."""
-LOSS_FIELDS: tuple[str, ...] = ("targets", "train_loss_mask")
 META_FIELDS: tuple[str, ...] = (
     "has_answers", "question_id", "image_id", "image_width", "image_height",
     "context_tokens", "answers")

@@ -1,7 +1,6 @@
 """Fine-tuning TAP with labels: the base model of the synthetic benchmark.
 
-`prepare_data` turns `config.data` into a built (TFDS ArrayRecord) dataset and the model
-shapes it implies; `train_and_evaluate` trains a TAP from scratch with the upstream
+`train_and_evaluate` trains a TAP from scratch with the upstream
 recipe (Adam, warm-up, global-norm clipping, TAP.md §10) on a `data` mesh, evaluates
 greedy-decoding accuracy on val, and writes the model directory, JSONL metrics and a
 summary to the workdir. `question_only=True` trains the image-blind ablation.
@@ -9,7 +8,7 @@ summary to the workdir. `question_only=True` trains the image-blind ablation.
 
 from __future__ import annotations
 
-import dataclasses
+
 import json
 import os
 import time
@@ -23,62 +22,15 @@ import tqdm
 from lfpr_jax.training import checkpointing
 from lfpr_jax.training import parallel
 from lfpr_jax.training import step as train
-from lfpr_jax.data import readers, synthetic, tfds_builder
+
+from lfpr_jax.data import prepare
 from lfpr_jax.data.pipeline import make_loader
 from lfpr_jax.data.vocab import AnswerVocab
+from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params, init_params
 from lfpr_jax.models.tap import TAP
 
-STEP_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
-               "image_feature_1", "context_feature_0", "context_feature_1",
-               "ocr_bbox_coordinates", "ocr_num", "train_prev_inds", "targets",
-               "train_loss_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedData:
-  """A built dataset and everything needed to read and score it."""
-  layout: readers.DataLayout
-  built_dir: str
-  model_config: TapConfig
-  vocab: AnswerVocab
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
-  """Generates (synthetic only) and builds the dataset of `config.data`.
-
-  The model shapes that depend on the data (answer vocabulary, BERT vocabulary, feature
-  widths of the synthetic set) are filled into `config.model`'s TapConfig fields.
-  """
-  d = config.data
-  root = d.root or os.path.join(workdir, "data", d.dataset)
-  model_fields = dict(config.model)
-  if d.dataset == "synthetic":
-    spec = synthetic.SyntheticSpec(**dict(d.get("synthetic", {})))
-    manifest = json.loads(synthetic.generate(root, spec).read_text())
-    sizes = manifest["sizes"]
-    model_fields.setdefault("obj_feat_dim", sizes["feat_dim"])
-    model_fields.setdefault("ocr_feat_dim", sizes["feat_dim"])
-    model_fields.setdefault("obj_max", sizes["max_objects"])
-    model_fields.setdefault("ocr_max", sizes["max_ocr"])
-  else:
-    readers.require_dir(root, (
-        f"the {d.dataset} data directory. Put the TAP data release there (imdb/, "
-        "feat_resx/, ocr_feat_resx/, m4c_vocabs/, 1600-400-20/, bert-base-uncased/) and "
-        "set config.data.root, or run the synthetic benchmark instead: python -m "
-        "lfpr_jax.main --config=configs/synthetic.py --workdir=/tmp/lfpr_synthetic"))
-  layout = readers.DataLayout.for_dataset(d.dataset, root)
-  vocab = AnswerVocab.from_file(layout.path(layout.answer_vocab))
-  with open(layout.path(layout.bert_vocab)) as f:
-    bert_vocab_size = sum(1 for _ in f)
-  model_fields.setdefault("num_answers", vocab.num_vocab)
-  model_fields.setdefault("vocab_size", bert_vocab_size)
-  model_config = TapConfig(**model_fields)
-  built_dir = d.built_dir or os.path.join(workdir, "tfds")
-  tfds_builder.build_dataset(None, built_dir, tuple(d.splits), layout=layout,
-                             config=model_config, progress=jax.process_index() == 0)
-  return PreparedData(layout, built_dir, model_config, vocab)
 
 
 def _step_batch(batch: dict, question_len: int, ablate: bool, num_answers: int) -> dict:
@@ -108,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     A summary dict (also written to `<workdir>/<out_name>.json`).
   """
-  data = prepare_data(config, workdir)
+  data = prepare.prepare_data(config, workdir)
   c, t, o = data.model_config, config.train, config.optim
   out_name = out_name or ("question_only_model" if question_only else "base_model")
   is_main = jax.process_index() == 0

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from lfpr_jax.data.prepare import PreparedData, prepare_data
 from lfpr_jax.training import checkpointing
 from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.pruning import scoring as importance
@@ -48,15 +49,13 @@ from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
 from lfpr_jax.training import step as train
 from lfpr_jax.data.pipeline import make_loader, open_source
+from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params
 from lfpr_jax.models.tap import TAP
 
 PyTree = Any
-MODEL_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
-                "image_feature_1", "context_feature_0", "context_feature_1",
-                "ocr_bbox_coordinates", "ocr_num")
 # Config keys that may change between runs of one workdir (more targets); the sweep's
 # grid (`sweep.*`) may change too: it shares the workdir's data, base model and stages.
 MUTABLE_KEYS = ("prune.constraints", "prune.percentiles")
@@ -166,7 +165,7 @@ def num_global_batches(num_examples: int, local_batch: int) -> int:
 
 
 def stream(loader: Iterator[Mapping], *, local_batch: int, num_batches: int,
-           mesh: jax.sharding.Mesh, fields: tuple[str, ...] = MODEL_FIELDS,
+           mesh: jax.sharding.Mesh, fields: tuple[str, ...] = MODEL_INPUTS,
            desc: str = "", progress: bool = True) -> Iterator[dict]:
   """Global batches of `fields` plus `weight` (0 on padding) and `question_id`.
 
@@ -250,7 +249,7 @@ def compute_importance(model: TAP, params: PyTree, *, built_dir: str,
                       num_batches=num_global_batches(len(indices), local_batch),
                       progress=progress):
     weights = batch["weight"]
-    inputs = {k: batch[k] for k in MODEL_FIELDS}
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     _, gh, gf = grads_fn(params, inputs, weights, rng)
     w, q = (np.asarray(x) for x in passthrough(params, batch))
     gh, gf = np.asarray(gh), np.asarray(gf)
@@ -282,7 +281,7 @@ def compute_pseudo_labels(model: TAP, params: PyTree, *, built_dir: str,
   return pseudo_labels.PseudoLabels(np.asarray(qids, np.int64), np.concatenate(rows))
 
 
-def evaluate(model: TAP, params: PyTree, data: finetune.PreparedData, mesh, *,
+def evaluate(model: TAP, params: PyTree, data: PreparedData, mesh, *,
              local_batch: int, progress: bool, desc: str) -> dict:
   predict = train.make_predict(model, mesh, data.vocab.bos_idx)
   n = len(open_source(data.built_dir, "val"))
@@ -300,7 +299,7 @@ def evaluate(model: TAP, params: PyTree, data: finetune.PreparedData, mesh, *,
 
 
 def base_model(config: ml_collections.ConfigDict, workdir: str,
-               data: finetune.PreparedData) -> str:
+               data: PreparedData) -> str:
   """The unpruned model directory; on the synthetic benchmark trained if missing."""
   path = config.get("base_model", "")
   if path:
@@ -335,7 +334,7 @@ class Context:
   config: ml_collections.ConfigDict
   workdir: str
   stage_dir: str
-  data: finetune.PreparedData
+  data: PreparedData
   base_config: TapConfig
   base_params: PyTree
   rep_params: PyTree
@@ -401,7 +400,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
   progress = bool(config.get("progress", True))
   times: dict[str, float] = {}
   t0 = time.time()
-  data = finetune.prepare_data(config, workdir)
+  data = prepare_data(config, workdir)
   times["data"] = time.time() - t0
   t0 = time.time()
   base_dir = base_model(config, workdir, data)

@@ -1,7 +1,7 @@
 """Turns a batch given with the upstream pythia field names into TAP model inputs.
 
 Users hand us a dict of numpy arrays named as the upstream `SampleList` names them
-(`../shared/golden/batch_fields.md`). Two fields are nested upstream; they are
+(`docs/TAP.md`, the batch fields). Two fields are nested upstream; they are
 accepted in any of three spellings: `obj_num` / `image_info_0.max_features` /
 `batch["image_info_0"]["max_features"]` (and the same for `ocr_num` /
 `context_info_0`). Unused fields (`order_vectors`, `image_width`, ...) are ignored.
@@ -24,7 +24,24 @@ ALIASES = {
 }
 
 
-def _field_shapes(c: TapConfig, batch_size: int, steps: int) -> dict[str, tuple]:
+# The one definition of what the model reads and what the loss reads.
+MODEL_INPUTS: tuple[str, ...] = (
+    "cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num", "image_feature_1",
+    "context_feature_0", "context_feature_1", "ocr_bbox_coordinates", "ocr_num")
+DECODER_INPUTS: tuple[str, ...] = ("train_prev_inds",)
+LOSS_FIELDS: tuple[str, ...] = ("targets", "train_loss_mask")
+# A teacher-forced training step reads all three.
+STEP_FIELDS: tuple[str, ...] = MODEL_INPUTS + DECODER_INPUTS + LOSS_FIELDS
+INT_FIELDS = ("cmb_text", "obj_num", "ocr_num", "train_prev_inds")
+
+
+def field_shapes(c: TapConfig, batch_size: int, steps: int | None = None
+                 ) -> dict[str, tuple[int, ...]]:
+  """Shapes of `MODEL_INPUTS + DECODER_INPUTS` for a model of config `c`.
+
+  `steps` (the decoder input width) defaults to `c.decode_steps`.
+  """
+  steps = c.decode_steps if steps is None else steps
   return {
       "cmb_text": (batch_size, c.text_len),
       "image_feature_0": (batch_size, c.obj_max, c.obj_feat_dim),
@@ -37,9 +54,6 @@ def _field_shapes(c: TapConfig, batch_size: int, steps: int) -> dict[str, tuple]
       "ocr_num": (batch_size,),
       "train_prev_inds": (batch_size, steps),
   }
-
-INT_FIELDS = ("cmb_text", "obj_num", "ocr_num", "train_prev_inds")
-LOSS_FIELDS = ("targets", "train_loss_mask")
 
 
 def _lookup(batch: Mapping[str, Any], name: str):
@@ -77,7 +91,7 @@ def model_inputs(batch: Mapping[str, Any], config: TapConfig, *,
   if steps > config.decode_steps:
     raise ValueError(f"train_prev_inds has {steps} steps; the model decodes at most "
                      f"{config.decode_steps}.")
-  expected = _field_shapes(config, b, steps)
+  expected = field_shapes(config, b, steps)
   if with_targets:
     expected["targets"] = (b, steps, config.num_classes)
     expected["train_loss_mask"] = (b, steps)

@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from lfpr_jax.models.batch import INT_FIELDS, field_shapes
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
 
@@ -15,21 +16,15 @@ PyTree = Any
 
 
 def dummy_inputs(config: TapConfig, batch_size: int = 1) -> dict[str, jax.Array]:
-  """Zero model inputs of the right shapes (for init / eval_shape)."""
-  c = config
-  f32, i32 = jnp.float32, jnp.int32
-  return {
-      "cmb_text": jnp.ones((batch_size, c.text_len), i32),
-      "image_feature_0": jnp.zeros((batch_size, c.obj_max, c.obj_feat_dim), f32),
-      "obj_bbox_coordinates": jnp.zeros((batch_size, c.obj_max, 4), f32),
-      "obj_num": jnp.ones((batch_size,), i32),
-      "image_feature_1": jnp.zeros((batch_size, c.ocr_max, c.ocr_feat_dim), f32),
-      "context_feature_0": jnp.zeros((batch_size, c.ocr_max, c.fasttext_dim), f32),
-      "context_feature_1": jnp.zeros((batch_size, c.ocr_max, c.phoc_dim), f32),
-      "ocr_bbox_coordinates": jnp.zeros((batch_size, c.ocr_max, 4), f32),
-      "ocr_num": jnp.ones((batch_size,), i32),
-      "train_prev_inds": jnp.zeros((batch_size, c.decode_steps), i32),
-  }
+  """Model inputs of the right shapes (for init / eval_shape); counts are 1, the rest 0."""
+  out = {}
+  for name, shape in field_shapes(config, batch_size).items():
+    if name in INT_FIELDS:
+      fill = 0 if name == "train_prev_inds" else 1
+      out[name] = jnp.full(shape, fill, jnp.int32)
+    else:
+      out[name] = jnp.zeros(shape, jnp.float32)
+  return out
 
 
 def init_params(config: TapConfig, rng: jax.Array) -> PyTree:

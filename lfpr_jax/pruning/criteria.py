@@ -38,6 +38,7 @@ import numpy as np
 from lfpr_jax import atomic
 from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.training import parallel
+from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS
 from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
@@ -48,11 +49,7 @@ Array = jax.Array
 CRITERIA = ("lfpr", "l1", "alg", "fisher", "owo")
 
 # Model inputs of the label-free score (greedy decoding reads no decoder inputs).
-MODEL_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
-                "image_feature_1", "context_feature_0", "context_feature_1",
-                "ocr_bbox_coordinates", "ocr_num")
 # What a labelled criterion reads: teacher-forcing inputs and the loss targets.
-LABELLED_FIELDS = MODEL_FIELDS + ("train_prev_inds", "targets", "train_loss_mask")
 QKV = ("query", "key", "value")
 
 
@@ -269,7 +266,7 @@ def make_loss_grads_fn(model: TAP, *, group_size: int, mesh: Optional[Any] = Non
   so repeated scoring (alg and fisher of one model) compiles once.
   """
   def fn(params, batch):
-    batch = {k: batch[k] for k in LABELLED_FIELDS + ("weight",)}
+    batch = {k: batch[k] for k in STEP_FIELDS + ("weight",)}
     gh, gf = group_loss_mask_grads(model, params, batch, group_size=group_size)
     rows = (batch["weight"] > 0).reshape(-1, group_size).sum(1)
     return gh, gf, rows
@@ -517,7 +514,7 @@ def compute_scores(criterion: Union[str, Criterion], model: TAP, params: PyTree,
   acc = GradientAccumulator(hs, fs, keep_batches=keep_batch_grads)
   for i, batch in enumerate(batches):
     batch = _with_weight(batch)
-    missing = [k for k in LABELLED_FIELDS + ("has_answers",) if k not in batch]
+    missing = [k for k in STEP_FIELDS + ("has_answers",) if k not in batch]
     if missing:
       raise ValueError(f"criterion {crit.name!r} needs batches with {missing} "
                        "(ground-truth teacher forcing and loss targets).")
@@ -565,7 +562,7 @@ def _compute_lfpr(model: TAP, params: PyTree, batches: Iterable[Mapping[str, Any
       n = np.shape(batch["cmb_text"])[0]
       batch["question_id"] = jnp.arange(next_id, next_id + n, dtype=jnp.int32)
       next_id += n
-    inputs = {k: batch[k] for k in MODEL_FIELDS}
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     _, gh, gf = grads_fn(params, inputs, batch["weight"], rng)
     w, q = (np.asarray(x) for x in meta_fn({"weight": batch["weight"],
                                             "question_id": batch["question_id"]}))

@@ -38,15 +38,12 @@ from lfpr_jax.training import checkpointing
 from lfpr_jax.training import parallel
 from lfpr_jax.training import step as train
 from lfpr_jax.data.pipeline import global_batch_positions, make_loader
+from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
 
 PyTree = Any
 
-STEP_FIELDS = ("cmb_text", "image_feature_0", "obj_bbox_coordinates", "obj_num",
-               "image_feature_1", "context_feature_0", "context_feature_1",
-               "ocr_bbox_coordinates", "ocr_num", "train_prev_inds", "targets",
-               "train_loss_mask")
 
 
 def trainable_patterns(config: TapConfig, layers: int) -> list[str]:

@@ -12,14 +12,7 @@ from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
-from tests.test_api import random_batch
-
-BASE = TapConfig(arch="custom", text_bert_layers=1, mmt_heads=(2, 0, 2),
-                 mmt_ffn=(64, 32, 0), hidden_size=128, text_heads=2, text_ffn=64,
-                 vocab_size=300, num_answers=40, obj_feat_dim=32, ocr_feat_dim=32,
-                 fc7_dim=32, ptr_query_key_size=64, question_len=8, text_len=30,
-                 ocr_text_len=12, obj_max=10, ocr_max=12, max_position_embeddings=64)
-
+from tests.helpers import BASE, random_batch
 
 def _setup(config, seed=0, batch_size=3):
   params = init_params(config, jax.random.key(seed))

@@ -15,26 +15,12 @@ from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.params import abstract_params
 from lfpr_jax.models.tap import TAP
-from tests.test_api import random_batch
-from tests.pruning.test_lfpr_stages import SMALL, _inputs
-
-
-def random_params(config, seed: int, scale: float = 0.1) -> dict:
-  """Random params without compiling the model's init: weights N(0, scale²), LayerNorm
-  scales near 1 (larger than the 0.02 init, so that the masks matter)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-    return (scale * rng.standard_normal(x.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+from tests.helpers import TINY, model_batch, random_batch, random_params
 
 
 @pytest.fixture(scope="module")
 def small_model():
-  return TAP(SMALL), random_params(SMALL, 7)
+  return TAP(TINY), random_params(TINY, 7)
 
 
 # One compiled per-batch gradient shared by the tests (same model, shapes and keys).
@@ -43,13 +29,13 @@ GRADS = jax.jit(criteria.loss_mask_grads, static_argnums=0)
 
 def labelled_batch(batch_size: int, seed: int) -> dict:
   """Model inputs with ground-truth teacher forcing, targets, has_answers."""
-  raw = random_batch(SMALL, batch_size, seed)
+  raw = random_batch(TINY, batch_size, seed)
   rng = np.random.default_rng(seed)
   raw["targets"] = (rng.random(raw["targets"].shape) < 0.05).astype(np.float32)
-  raw["train_loss_mask"] = (np.arange(SMALL.decode_steps)[None]
-                            < rng.integers(1, SMALL.decode_steps + 1, (batch_size, 1))
+  raw["train_loss_mask"] = (np.arange(TINY.decode_steps)[None]
+                            < rng.integers(1, TINY.decode_steps + 1, (batch_size, 1))
                             ).astype(np.float32)
-  out = {k: np.asarray(v) for k, v in model_inputs(raw, SMALL, with_targets=True).items()}
+  out = {k: np.asarray(v) for k, v in model_inputs(raw, TINY, with_targets=True).items()}
   out["has_answers"] = np.ones(batch_size, bool)
   return out
 
@@ -119,8 +105,8 @@ def test_labelled_criterion_refuses_unlabelled_batches_before_work(small_model,
 
 def test_l1_against_pytorch_layout_hand_computation(small_model):
   model, params = small_model
-  head, ffn = criteria.l1_scores(params, SMALL)
-  d, dh, h = SMALL.hidden_size, SMALL.head_dim, 2
+  head, ffn = criteria.l1_scores(params, TINY)
+  d, dh, h = TINY.hidden_size, TINY.head_dim, 2
   assert head.shape == (2, 2) and ffn.shape == (2, 16) and head.dtype == np.float64
   for i in range(2):
     layer = jax.tree.map(np.asarray, params[f"mmt_layer_{i}"])
@@ -141,7 +127,7 @@ def test_l1_against_pytorch_layout_hand_computation(small_model):
   out = criteria.compute_scores("l1", model, params)   # no data needed
   np.testing.assert_array_equal(out.head, head)
   assert out.head_grads is None and out.num_samples == 0
-  assert selection.select_sum(out.head, out.ffn, 0.5, config=SMALL).heads >= 1
+  assert selection.select_sum(out.head, out.ffn, 0.5, config=TINY).heads >= 1
 
 
 # ------------------------------------------------------------- labelled gradients
@@ -268,7 +254,7 @@ def test_lfpr_criterion_delegates_to_importance(small_model, monkeypatch):
   model, params = small_model
   batches = []
   for i in range(2):
-    b = {k: np.asarray(v) for k, v in _inputs(SMALL, 4, seed=20 + i).items()}
+    b = {k: np.asarray(v) for k, v in model_batch(TINY, 4, seed=20 + i).items()}
     b["question_id"] = np.arange(4 * i, 4 * i + 4, dtype=np.int32)
     batches.append(b)
   batches[1]["weight"] = np.array([1, 1, 1, 0], np.float32)

@@ -17,9 +17,7 @@ from lfpr_jax.pruning import selection
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
-from tests.test_api import random_batch
-from tests.pruning.test_criteria import random_params
-from tests.pruning.test_lfpr_stages import SMALL
+from tests.helpers import TINY, random_batch, random_params
 
 TAP_CONFIG = TapConfig.tap()
 
@@ -232,12 +230,12 @@ def test_lsmr_solve():
 
 @pytest.fixture(scope="module")
 def tuning_setup():
-  model = TAP(SMALL)
-  params = random_params(SMALL, 11, scale=0.2)
+  model = TAP(TINY)
+  params = random_params(TINY, 11, scale=0.2)
   batches = []
   for seed in (0, 1):
-    raw = random_batch(SMALL, 4, seed)
-    x = {k: np.asarray(v) for k, v in model_inputs(raw, SMALL).items()}
+    raw = random_batch(TINY, 4, seed)
+    x = {k: np.asarray(v) for k, v in model_inputs(raw, TINY).items()}
     x["weight"] = np.array([1, 1, 1, float(seed == 0)], np.float32)
     batches.append(x)
   teacher_h = np.ones((2, 2), np.float32)
@@ -267,7 +265,7 @@ def test_tuning_stats_match_explicit_least_squares(tuning_setup):
       x, parts = x0, []
       for i in range(2):
         parts.append(kwon.layer_parts(params[f"mmt_layer_{i}"], x, mask, h[i], f[i],
-                                      SMALL.head_dim))
+                                      TINY.head_dim))
         x = parts[-1]["out"]
       return [x0] + [p["out"] for p in parts], parts
     return inter["intermediates"], chain(th, tf), chain(sh, sf), enc_valid
@@ -279,7 +277,7 @@ def test_tuning_stats_match_explicit_least_squares(tuning_setup):
   layer = 1
   stats = kwon._stats_fn(model, None, True)(params, batch, th, tf, sh, sf,
                                             jnp.asarray(layer))
-  c = SMALL
+  c = TINY
   start = c.encoder_len - c.ocr_max
   w = np.asarray(batch["weight"])
   rows = np.concatenate([np.asarray(enc_valid), np.ones((4, c.decode_steps), bool)], 1)
@@ -341,7 +339,7 @@ def test_tune_masks_and_fold(tuning_setup):
                     teacher_ffn_mask=tf[:, :3], head_mask=sh, ffn_mask=sf)
 
   # Folding: the pruned model computes what the unpruned one does with the masks.
-  pruned, config = kwon.fold_masks(params, SMALL, result.head_mask, result.ffn_mask)
+  pruned, config = kwon.fold_masks(params, TINY, result.head_mask, result.ffn_mask)
   assert config.mmt_heads == (1, 1) and config.mmt_ffn == (10, 10)
   assert not config.learnable_masks
   kept = np.flatnonzero(sf[1])
@@ -358,7 +356,7 @@ def test_tune_masks_and_fold(tuning_setup):
                   ffn_mask=result.ffn_mask),
       TAP(config).apply({"params": pruned}, batch)))()
   np.testing.assert_allclose(small, full, rtol=1e-4, atol=1e-4)
-  learn, lconfig = kwon.fold_masks(params, SMALL, result.head_mask, result.ffn_mask,
+  learn, lconfig = kwon.fold_masks(params, TINY, result.head_mask, result.ffn_mask,
                                    learnable_masks=True)
   assert lconfig.learnable_masks
   np.testing.assert_allclose(learn["mmt_layer_1"]["ffn"]["ffn_mask"],

@@ -12,6 +12,7 @@ import pytest
 
 from configs.synthetic import get_config
 from configs import common as schedules
+from lfpr_jax.data import prepare
 from lfpr_jax.training import checkpointing
 from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.pruning import scoring as importance
@@ -24,9 +25,11 @@ from lfpr_jax.training import step as train
 from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings, make_loader
 from lfpr_jax.models.decoding import greedy_decode_reference
+from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
 from lfpr_jax.models.tap import TAP
+from tests.helpers import TINY, model_batch
 
 
 # ----------------------------------------------------------------------------- t*
@@ -56,31 +59,13 @@ def test_first_max_step_ties_and_batch_search():
 # ------------------------------------------------------------------- importance
 
 
-SMALL = TapConfig(arch="small", text_bert_layers=1, mmt_heads=(2, 2), mmt_ffn=(16, 16),
-                  hidden_size=64, head_dim=32, text_heads=2, text_ffn=32, vocab_size=50,
-                  question_len=4, text_len=12, ocr_text_len=4, num_answers=20,
-                  obj_max=5, ocr_max=6, decode_steps=4, obj_feat_dim=16,
-                  ocr_feat_dim=16, fc7_dim=16, ptr_query_key_size=64,
-                  max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0,
-                  obj_dropout=0.0, ocr_dropout=0.0)
-
-
-def _inputs(config: TapConfig, batch: int, seed: int = 0) -> dict:
-  from tests.test_api import random_batch  # noqa: PLC0415
-  from lfpr_jax.models.batch import model_inputs  # noqa: PLC0415
-  b = random_batch(config, batch, seed)
-  b["context_info_0"]["max_features"] = np.full(batch, config.ocr_max)  # all valid
-  return {k: v for k, v in model_inputs(b, config, with_targets=False).items()
-          if k in lfpr.MODEL_FIELDS}
-
-
 @pytest.fixture(scope="module")
 def small_model():
-  params = init_params(SMALL, jax.random.key(3))
+  params = init_params(TINY, jax.random.key(3))
   # Larger pointer queries so that OCR copies win some steps, as in the golden model.
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 4 if "ocr_ptr_net" in jax.tree_util.keystr(p) else x, params)
-  return TAP(SMALL), params
+  return TAP(TINY), params
 
 
 @pytest.mark.parametrize("t_star", [0, 2])
@@ -88,7 +73,7 @@ def test_per_sample_grads_equal_upstream_structure(small_model, t_star):
   """vmap(grad) through the cached decoder equals grad of upstream's last pass
   (t*+1 full passes, earlier passes only feed argmaxes), sample by sample."""
   model, params = small_model
-  inputs = _inputs(SMALL, 4)
+  inputs = model_batch(TINY, 4)
   w = jnp.array([1.0, 1.0, 1.0, 0.0])
   values, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
       model, params, x, w, t_star=t_star, bos_index=1))(inputs, w)
@@ -112,7 +97,7 @@ def test_per_sample_grads_equal_upstream_structure(small_model, t_star):
 def test_group_grads_are_sums_of_sample_grads(small_model):
   """Invariant 3: with dropout rates 0, a batch's gradient = sum of per-sample ones."""
   model, params = small_model
-  inputs = _inputs(SMALL, 8, seed=5)
+  inputs = model_batch(TINY, 8, seed=5)
   w = jnp.ones(8)
   _, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
       model, params, x, w, t_star=1, bos_index=1))(inputs, w)
@@ -227,7 +212,7 @@ def tiny(tmp_path_factory):
   """The :tiny synthetic dataset, a random base model and its pseudo-labels."""
   config = get_config("tiny")
   workdir = str(tmp_path_factory.mktemp("tiny"))
-  data = finetune.prepare_data(config, workdir)
+  data = prepare.prepare_data(config, workdir)
   mc = data.model_config
   params = init_params(mc, jax.random.key(0))
   mesh = parallel.make_mesh()

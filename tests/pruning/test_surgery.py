@@ -19,7 +19,7 @@ from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning.selection import mmt_params
 from lfpr_jax.pruning.surgery import prune
 from tests.conftest import GOLDEN, golden_state_dict
-from tests.test_api import random_batch
+from tests.helpers import random_batch
 
 ATOL = 1e-5
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from configs.synthetic import get_config
+from lfpr_jax.data import prepare
 from lfpr_jax.training import checkpointing
 from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.training import parallel
@@ -105,7 +106,7 @@ def _launch(spec_path: pathlib.Path, logs: pathlib.Path) -> None:
 
 def test_two_processes_equal_one(tmp_path):
   config = get_config("tiny")
-  data = finetune.prepare_data(config, str(tmp_path / "work"))
+  data = prepare.prepare_data(config, str(tmp_path / "work"))
   mc = data.model_config
   params = init_params(mc, jax.random.key(0))
   head = np.ones((mc.mmt_layers, mc.mmt_heads[0]), np.float32)

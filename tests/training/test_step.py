@@ -11,8 +11,7 @@ from lfpr_jax.training import step as train
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
-from tests.test_api import random_batch
-from tests.models.test_tap import BASE
+from tests.helpers import BASE, random_batch
 
 CONFIG = dataclasses.replace(BASE, learnable_masks=True, hidden_dropout=0.0,
                              attention_dropout=0.0, obj_dropout=0.0, ocr_dropout=0.0)
