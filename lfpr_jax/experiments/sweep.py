@@ -38,6 +38,7 @@ from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
 from lfpr_jax.data.pipeline import make_loader
+from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.params import count_params
 from lfpr_jax.models.tap import TAP
 
@@ -85,7 +86,7 @@ def cells_of(config: ml_collections.ConfigDict) -> list[Cell]:
 def _label_batches(ctx: lfpr.Context, indices: np.ndarray) -> list[dict]:
   loader = make_loader(ctx.data.built_dir, "train", ctx.score_local, shuffle=False,
                        drop_remainder=False, indices=indices)
-  fields = criteria.LABELLED_FIELDS + ("has_answers",)
+  fields = STEP_FIELDS + ("has_answers",)
   return list(lfpr.stream(loader, local_batch=ctx.score_local, mesh=ctx.mesh,
                           fields=fields, progress=False,
                           num_batches=lfpr.num_global_batches(len(indices),
