@@ -40,3 +40,23 @@ def directory(path: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same directory."""
+  directory_ = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory_, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory_)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_json(path: str, obj) -> None:
+  """Strict JSON (no NaN) through a temporary file; see `write_text`."""
+  import json  # noqa: PLC0415
+  write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
