@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import ClassVar, Optional, Union
 
 import numpy as np
@@ -232,6 +233,7 @@ class Selection:
     cost: the pruned model's cost in `cost_unit` (`mmt_params` for "params").
     charged_cost: "sum": what the search charged in `cost_unit` (`charged_params`
       for "params"; `charged_params` is None for "flops").
+    round_to: FFN widths were rounded to multiples of this (0: not rounded).
   """
 
   heuristic: str
@@ -255,6 +257,7 @@ class Selection:
   full_cost: Optional[int] = None
   cost: Optional[int] = None
   charged_cost: Optional[int] = None
+  round_to: int = 0
 
   @property
   def kept_fraction(self) -> float:
@@ -354,7 +357,7 @@ def _finish(heuristic: str, head_mask: np.ndarray, ffn_mask: np.ndarray,
 # Heuristics ------------------------------------------------------------------------
 def select_sum(head_importance: object, ffn_importance: object, constraint: float, *,
                config: Optional[TapConfig] = None, costs: Optional[Costs] = None,
-               strict_budget: bool = False) -> Selection:
+               strict_budget: bool = False, round_to: int = 0) -> Selection:
   """The "sum" heuristic: most total importance within c · P_full (LFPR.md §4.2).
 
   Both score tensors are flattened layer-major and sorted in descending order (a
@@ -387,6 +390,8 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
       `flops_costs(config)` gives Kwon's FLOPs (MACs) constraint: B = c · full
       MACs, 93,782,528 per head and 586,752 per neuron for TAP, search constant 0.
     strict_budget: cap H so that the charged heads fit the budget.
+    round_to: keep every layer's FFN width a multiple of this (0: any width; see
+      `round_ffn_widths`).
 
   Returns:
     The Selection (`heads` = the chosen H, `neuron_budget` = N(H)).
@@ -436,9 +441,19 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
   head_mask[head_order[:n_heads]] = 1.0
   ffn_mask = np.zeros(ffn_flat.size, np.float32)
   ffn_mask[ffn_order[:n_kept]] = 1.0
+  head_mask, ffn_mask = head_mask.reshape(head.shape), ffn_mask.reshape(ffn.shape)
+  info = {}
+  if round_to:
+    ffn_mask = round_ffn_widths(
+        ffn, ffn_mask, head_mask, round_to,
+        lambda ch, cf: costs.charged(sum(ch), sum(cf)) <= budget)
+    n_kept = int(ffn_mask.sum())
+    info["round_to"] = int(round_to)
+  else:
+    info["kept_importance"] = float(values[best])
   return _finish(
-      "sum", head_mask.reshape(head.shape), ffn_mask.reshape(ffn.shape), head, ffn,
-      costs, kept_importance=float(values[best]), constraint=c, budget=budget,
+      "sum", head_mask, ffn_mask, head, ffn,
+      costs, **info, constraint=c, budget=budget,
       neuron_budget=n_budget,
       charged_params=(costs.charged(n_heads, n_kept) if costs.unit == "params"
                       else None),
@@ -518,3 +533,60 @@ def parse_cfg_txt(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     raise ValueError(f"cfg.txt lists {len(out[0])} head counts and {len(out[1])} "
                      "FFN widths; need one of each per MMT layer.")
   return out[0], out[1]
+
+
+def check_round_to(round_to: object, ffn_width: int) -> int:
+  """`round_to` as an int: 0 (off) or a positive divisor of the FFN width."""
+  if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or (
+      round_to < 0):
+    raise ValueError(f"round_to must be 0 (off) or a positive integer, got {round_to!r}.")
+  if round_to and ffn_width % int(round_to):
+    raise ValueError(f"round_to={round_to} does not divide the FFN width {ffn_width}; "
+                     "use a divisor (e.g. 8, 64, 128 for 3072) so a full layer stays "
+                     "expressible.")
+  return int(round_to)
+
+
+def round_ffn_widths(ffn_importance: np.ndarray, ffn_mask: np.ndarray,
+                     head_mask: np.ndarray, multiple: int,
+                     fits: "Callable[[tuple[int, ...], tuple[int, ...]], bool]"
+                     ) -> np.ndarray:
+  """FFN masks whose per-layer widths are multiples of `multiple`, within the budget.
+
+  Each layer first keeps its best `floor(n_l / m)·m` neurons (never more than before,
+  so the cost only falls). Then, while the budget allows, the block of the next m
+  best neurons of some layer with the largest total importance is added (`fits`
+  decides with the per-layer head and neuron counts). A layer may end with 0 neurons.
+
+  Args:
+    ffn_importance: `[L, F]` scores; ffn_mask: `[L, F]` the selection to round.
+    head_mask: `[L, H]` the kept heads (passed to `fits`).
+    multiple: m ≥ 1, a divisor of F.
+    fits: whether per-layer widths `(cfg_head, cfg_ffn)` meet the budget.
+
+  Returns:
+    The rounded `[L, F]` float32 mask.
+  """
+  m = check_round_to(multiple, ffn_importance.shape[1])
+  num_layers, width = ffn_importance.shape
+  order = np.argsort(-ffn_importance, axis=1, kind="stable")   # best first per layer
+  ranked = np.take_along_axis(ffn_importance.astype(np.float64), order, 1)
+  kept = [int(n) // m * m for n in ffn_mask.sum(1)]
+  cfg_head = tuple(int(h) for h in head_mask.sum(1))
+  while True:
+    best = None
+    for l in range(num_layers):
+      if kept[l] + m > width:
+        continue
+      value = ranked[l, kept[l]:kept[l] + m].sum()
+      trial = kept.copy()
+      trial[l] += m
+      if (best is None or value > best[0]) and fits(cfg_head, tuple(trial)):
+        best = (value, l)
+    if best is None:
+      break
+    kept[best[1]] += m
+  out = np.zeros_like(ffn_mask, dtype=np.float32)
+  for l in range(num_layers):
+    out[l, order[l, :kept[l]]] = 1.0
+  return out
