@@ -10,7 +10,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
+
+def dataclass_to_dict(obj: Any) -> dict[str, Any]:
+  """`dataclasses.asdict(obj)` with every tuple field value turned into a list.
+
+  The JSON form of a frozen config dataclass (`TapConfig`, `SyntheticSpec`): tuples,
+  kept in the dataclass so it stays hashable, become lists (nested ones too), as
+  `json.loads(json.dumps(...))` would give them back.
+  """
+  def lists(value: Any) -> Any:
+    return [lists(v) for v in value] if isinstance(value, tuple) else value
+
+  return {k: lists(v) for k, v in dataclasses.asdict(obj).items()}
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+  """`cls(**data)` for a config dataclass, rejecting keys that are not fields.
+
+  Raises:
+    ValueError: `data` has keys that are not fields of `cls` (a typo in a config
+      or a file written by another version), naming them and the known fields.
+  """
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - known)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
+  return cls(**dict(data))
+
 
 # Published TAP checkpoints (TAP.md §1.1).
 KNOWN_ARCHS = {
@@ -167,18 +197,13 @@ class TapConfig:
 
   # JSON --------------------------------------------------------------------------
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["mmt_heads"] = list(self.mmt_heads)
-    d["mmt_ffn"] = list(self.mmt_ffn)
-    return d
+    """JSON-ready dict (the per-layer tuples become lists)."""
+    return dataclass_to_dict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TapConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown TapConfig fields {unknown}; known: {sorted(known)}.")
-    return cls(**dict(d))
+    """Inverse of `to_dict`; unknown keys raise a ValueError."""
+    return dataclass_from_dict(cls, d)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1)

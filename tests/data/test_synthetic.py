@@ -1,9 +1,13 @@
-"""Synthetic Text-VQA benchmark: file formats, answer reachability, geometry, determinism."""
+"""The generated synthetic Text-VQA dataset (`synthetic.generate`): file formats, answer
+reachability, geometry, determinism, reuse.
+
+The spec and the scene steps are tested in test_synthetic_spec.py and
+test_synthetic_scenes.py.
+"""
 
 from __future__ import annotations
 
 import collections
-import json
 import pathlib
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 
 from lfpr_jax.data import synthetic
 from lfpr_jax.data.answers import process_answers
+from lfpr_jax.data.readers import BERT_SPECIAL_IDS, BertTokenizer
 from lfpr_jax.data.text import make_context_tokens, word_tokenize
 from lfpr_jax.data.vocab import AnswerVocab
 
@@ -160,24 +165,25 @@ def test_vocabulary_files(dataset):
                        ("[MASK]", 103)):
     assert bert[index] == token
   assert all(bert[i] == f"[unused{i - 1}]" for i in range(1, 100))
-  bert_set = frozenset(bert)
+  tokenizer = BertTokenizer(root / paths["bert_vocab"])
+  unk = BERT_SPECIAL_IDS["[UNK]"]
 
   for split in synthetic.SPLITS:
     for entry in _entries(root, manifest, split):
-      assert "[UNK]" not in synthetic.wordpiece_tokenize(entry["question"], bert_set)
+      assert unk not in tokenizer.wordpieces(entry["question"])
       info = _info(root, manifest, "ocr_feat_dir", split, entry["image_id"])
       for token in info["ocr_tokens"]:
         assert token not in vocab  # OCR answers must be copied, never generated
-        assert "[UNK]" not in synthetic.wordpiece_tokenize(token, bert_set)
-  assert "[UNK]" not in synthetic.wordpiece_tokenize(" ".join(names), bert_set)
+        assert unk not in tokenizer.wordpieces(token)
+  assert unk not in tokenizer.wordpieces(" ".join(names))
 
 
 def test_manifest_sizes_and_counts(dataset):
   root, manifest = dataset
   sizes = manifest["sizes"]
   assert (sizes["feat_dim"], sizes["max_objects"], sizes["max_ocr"]) == (16, 10, 8)
-  bert_set = frozenset((root / manifest["paths"]["bert_vocab"]).read_text().splitlines())
-  max_q = max(len(synthetic.wordpiece_tokenize(e["question"], bert_set)) + 2
+  tokenizer = BertTokenizer(root / manifest["paths"]["bert_vocab"])
+  max_q = max(len(tokenizer.encode(e["question"]))
               for s in synthetic.SPLITS for e in _entries(root, manifest, s))
   assert sizes["max_question_len"] == max_q <= 20
   assert 2 < sizes["max_ocr_text_len"] <= 100 and 2 < sizes["max_obj_text_len"] <= 50
@@ -381,33 +387,7 @@ def test_reuse_and_overwrite(tmp_path):
   assert synthetic.generate(empty, MICRO) == empty / "manifest.json"
 
 
-# -------------------------------------------------------------------- spec, rules
-
-
-def test_spec_validation_and_round_trip():
-  spec = synthetic.SyntheticSpec(type_fractions={"ocr_position": 0.5, "count": 0.5})
-  assert spec.fractions["ocr_position"] == 0.5 and spec.fractions["no_ocr"] == 0.0
-  assert synthetic.SyntheticSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-  hash(spec)
-  with pytest.raises(ValueError, match="sum to 1"):
-    synthetic.SyntheticSpec(type_fractions={"ocr_position": 0.5})
-  with pytest.raises(ValueError, match="unknown question type"):
-    synthetic.SyntheticSpec(type_fractions={"riddle": 1.0})
-  with pytest.raises(ValueError, match="max_ocr"):
-    synthetic.SyntheticSpec(max_ocr=4, min_ocr=2)
-  with pytest.raises(ValueError, match="unknown SyntheticSpec field"):
-    synthetic.SyntheticSpec.from_dict({"sead": 1})
-
-
-def test_default_mix_covers_the_issue():
-  spec = synthetic.SyntheticSpec()
-  fractions = spec.fractions
-  # OCR copies chosen by position / by object, multi-token copies, fixed-vocabulary
-  # answers (yes/no, colours) and images without OCR are all in the default mix.
-  for qtype in (*synthetic.OCR_COPY_TYPES, "exists", "colour", "no_ocr"):
-    assert fractions[qtype] > 0, qtype
-  assert sum(fractions[t] for t in synthetic.OCR_COPY_TYPES) >= 0.5
-  assert spec.text_on_distractor_prob > 0 and spec.feature_noise > 0
+# ------------------------------------------------------------------------ margins
 
 
 def test_position_margin(tmp_path):
@@ -432,34 +412,3 @@ def test_position_margin(tmp_path):
   assert checked == 32
   with pytest.raises(ValueError, match="position_margin"):
     synthetic.SyntheticSpec(position_margin=1.5)
-
-
-def test_geometry_rules():
-  obj = np.array([100, 100, 200, 200])
-  tokens = np.array([[210, 140, 260, 160],   # right, gap 10
-                     [300, 150, 340, 170],   # right, farther
-                     [120, 60, 180, 90],     # above
-                     [120, 120, 180, 140]])  # inside
-  assert synthetic.relation_answer(obj, "right", tokens) == 0
-  assert synthetic.relation_answer(obj, "above", tokens) == 2
-  assert synthetic.relation_answer(obj, "left", tokens) == -1
-  assert synthetic.text_on_object(obj, tokens) == [3]
-  # 600x600 image; centres x: .39 .53 .25 .25, y: .25 .27 .125 .22.
-  assert synthetic.position_answer("right", tokens, 600, 600) == 1  # lead .14
-  assert synthetic.position_answer("top", tokens, 600, 600) == 2  # lead .09
-  assert synthetic.position_answer("left", tokens, 600, 600) == -1  # tie of 2 and 3
-  assert synthetic.position_answer("top left", tokens, 600, 600) == 2
-  assert synthetic.position_answer("bottom right", tokens, 600, 600) == 1  # lead .16
-  assert synthetic.position_answer("bottom", tokens, 600, 600) == -1  # lead .017 < .05
-  assert synthetic.position_answer(0, tokens[:1], 600, 600) == 0  # a lone token
-  assert synthetic.position_answer("left", np.zeros((0, 4)), 600, 600) == -1
-  with pytest.raises(ValueError, match="unknown direction"):
-    synthetic.position_answer("middle", tokens, 600, 600)
-
-
-def test_wordpiece_tokenize():
-  vocab = {"what", "is", "on", "the", "car", "?", "ba", "##ko", "##r", "b", "##a"}
-  assert synthetic.wordpiece_tokenize("What is on the car?", vocab) == [
-      "what", "is", "on", "the", "car", "?"]
-  assert synthetic.wordpiece_tokenize("bakor", vocab) == ["ba", "##ko", "##r"]
-  assert synthetic.wordpiece_tokenize("bax", vocab) == ["[UNK]"]
