@@ -300,3 +300,46 @@ def mmt_seconds(config: TapConfig, *, batch_size: int, seq_len: Optional[int] = 
       x = layer.apply(p, x, mask)
     return x
   return median_seconds(lambda: stack(params, x, mask), repeats=repeats)
+
+
+def greedy_speed(config: TapConfig, params: Any, *, batch_sizes: Sequence[int] = (1, 32),
+                 bos_index: int = 1, repeats: int = 5) -> dict[str, Any]:
+  """Measured greedy-decoding speed of a model on this process's first device.
+
+  Every object and OCR slot is in use (the model's fixed shapes), so the figures do
+  not depend on the data. The program is jitted and warm; each figure is the median
+  of `repeats` calls.
+
+  Args:
+    config, params: the model (any pruned shape).
+    batch_sizes: the first is reported as latency (ms per call), the others as
+      throughput (questions per second).
+    bos_index: `<s>` in the answer vocabulary.
+
+  Returns:
+    `{"device", "latency_ms": {b: ms}, "throughput_qps": {b: q/s},
+    "xla_flops": {b: FLOPs of one call, from XLA's cost analysis (None if absent)}}`.
+  """
+  # Local imports keep this module importable without the model's decoding stack.
+  from lfpr_jax.models.decoding import greedy_decode  # noqa: PLC0415
+  from lfpr_jax.models.params import dummy_inputs  # noqa: PLC0415
+  from lfpr_jax.models.tap import TAP  # noqa: PLC0415
+  model = TAP(config)
+  fn = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x,
+                                          bos_index=bos_index)[1])
+  out: dict[str, Any] = {"device": jax.devices()[0].device_kind, "latency_ms": {},
+                         "throughput_qps": {}, "xla_flops": {}}
+  for b in batch_sizes:
+    x = dummy_inputs(config, b)
+    x["obj_num"] = jnp.full((b,), config.obj_max, jnp.int32)
+    x["ocr_num"] = jnp.full((b,), config.ocr_max, jnp.int32)
+    try:
+      cost = fn.lower(params, x).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      out["xla_flops"][b] = float(cost["flops"]) if cost and "flops" in cost else None
+    except Exception:  # pylint: disable=broad-except  (cost analysis is optional)
+      out["xla_flops"][b] = None
+    seconds = median_seconds(lambda: fn(params, x), repeats=repeats)
+    out["latency_ms"][b] = 1e3 * seconds
+    out["throughput_qps"][b] = b / seconds
+  return out
