@@ -378,8 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   splits = [s for s in args.splits.split(",") if s]
   if not splits:
     parser.error(f"--splits {args.splits!r} names no split")
-  layout = (readers.DataLayout.from_json(args.layout) if args.layout else
-            readers.DataLayout.for_dataset(args.dataset, args.data_dir))
+  if args.layout:
+    try:
+      layout = readers.DataLayout.from_json(args.layout)
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON or fields
+      raise ValueError(f"--layout {args.layout} is not a DataLayout JSON (see "
+                       f"DataLayout.to_json): {e}") from e
+  else:
+    layout = readers.DataLayout.for_dataset(args.dataset, args.data_dir)
   config = None
   if args.feat_dim is not None:
     vocab = AnswerVocab.from_file(layout.path(layout.answer_vocab))
