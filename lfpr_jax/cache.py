@@ -119,6 +119,10 @@ def check_provenance(path: str | os.PathLike, stored: Mapping[str, Any] | None,
     raise StaleCacheError(f"{what} {path} records no provenance, so it cannot be "
                           f"checked against this run; delete it and recompute it with "
                           f"{recompute_hint}.")
+  if not isinstance(stored, Mapping):
+    raise StaleCacheError(f"{what} {path} has an unreadable provenance "
+                          f"({type(stored).__name__}); delete it and recompute it with "
+                          f"{recompute_hint}.")
   old, new = _flat(stored), _flat(atomic.json_safe(expected))
   diffs = []
   for key in sorted(set(old) | set(new)):

@@ -132,6 +132,9 @@ def test_provenance_absent_is_stale(tmp_path):
   cache.save_json(path, {"acc": 1.0})
   with pytest.raises(cache.StaleCacheError, match="records no provenance"):
     _load_json(path, provenance=cache.provenance(config={"a": 1}))
+  path.write_text('{"acc": 1.0, "__provenance__": [1]}')
+  with pytest.raises(cache.StaleCacheError, match="unreadable provenance"):
+    _load_json(path, provenance=cache.provenance(config={"a": 1}))
 
 
 def test_file_sha256_of_dirs(tmp_path):
