@@ -12,18 +12,25 @@ sizes) is inferred from the tensor shapes; `--arch`, `--cfg-head`, `--cfg-ffn`,
 `--cfg-file` override it. The result is checked leaf by leaf against
 `jax.eval_shape` of the model and written as an Orbax checkpoint plus `arch.json`
 (`lfpr_jax.training.checkpointing.load_model` rebuilds the model from that alone).
+
+`--overwrite` replaces only a model directory lfpr_jax wrote; any other existing path
+is refused and left untouched. A bad input (missing or corrupt checkpoint, malformed
+`--cfg-head` or `cfg.txt`, a shape mismatch) ends with one `error: ...` line on stderr
+and exit status 1 (2 for malformed arguments); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lfpr_jax import cli
 from lfpr_jax.models.config import KNOWN_ARCHS, TapConfig
 
 PRETRAIN_PREFIXES = ("cls.", "pollute_cls.", "overlap_cls.")
@@ -339,23 +346,39 @@ def convert(checkpoint: str, *, arch: Optional[str] = None,
 
 
 def _int_list(text: str) -> list[int]:
-  value = ast.literal_eval(text.strip())
-  if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-    raise argparse.ArgumentTypeError(f"expected a list of ints like [12,11,10,9], "
-                                     f"got {text!r}")
+  """`--cfg-head` / `--cfg-ffn` value: a Python list of non-negative ints."""
+  try:
+    value = ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    value = None
+  if (not isinstance(value, (list, tuple))
+      or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                 for v in value)):
+    raise argparse.ArgumentTypeError(
+        f"expected a list of non-negative ints like [12,11,10,9], got {text!r}")
   return list(value)
 
 
-def _read_cfg_file(path: str) -> tuple[list[int], list[int]]:
-  lines = [l for l in open(path).read().splitlines() if l.strip()]
-  if len(lines) != 2:
-    raise argparse.ArgumentTypeError(
-        f"{path}: expected LFPR's cfg.txt, two lines [h_0,...] and [f_0,...].")
-  return _int_list(lines[0]), _int_list(lines[1])
+def read_cfg_file(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Per-layer (heads, FFN widths) from LFPR's `cfg.txt` (`selection.parse_cfg_txt`).
+
+  Raises:
+    FileNotFoundError: `path` is not a file.
+    ValueError: the file is not two lines `[h_0, ...]` and `[f_0, ...]` (names it).
+  """
+  from lfpr_jax.pruning.selection import parse_cfg_txt
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--cfg-file {path} not found; expected LFPR's cfg.txt "
+                            "(two lines: [heads per layer] and [FFN widths per layer]).")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return parse_cfg_txt(f.read())
+  except ValueError as e:  # UnicodeDecodeError included
+    raise ValueError(f"--cfg-file {path}: {e}") from e
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(
       prog="python -m converters.torch_to_flax", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="upstream .ckpt / .pth file")
@@ -366,22 +389,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="per-layer MMT head counts, e.g. [3,2,4,5] (default: inferred)")
   parser.add_argument("--cfg-ffn", type=_int_list,
                       help="per-layer MMT FFN widths (default: inferred)")
-  parser.add_argument("--cfg-file", help="LFPR cfg.txt with both lists")
+  parser.add_argument("--cfg-file", help="LFPR cfg.txt with both lists (instead of "
+                      "--cfg-head / --cfg-ffn)")
   parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing output directory")
+                      help="replace an existing output directory written by lfpr_jax "
+                      "(any other existing path is refused, never deleted)")
+  return parser
+
+
+@cli.command
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Converts; user errors end with one `error:` line (exit 1, or 2 for bad usage)."""
+  parser = _parser()
   args = parser.parse_args(argv)
+  if args.cfg_file and (args.cfg_head is not None or args.cfg_ffn is not None):
+    parser.error("--cfg-file gives both lists; pass it or --cfg-head/--cfg-ffn, "
+                 "not both")
+  from lfpr_jax.training import checkpointing
+  # Cheap checks first: the output path and the inputs, before the slow read.
+  checkpointing.check_output_dir(args.out, overwrite=args.overwrite)
   cfg_head, cfg_ffn = args.cfg_head, args.cfg_ffn
   if args.cfg_file:
-    cfg_head, cfg_ffn = _read_cfg_file(args.cfg_file)
-  from converters.torch_pickle import TorchFileError
-  from lfpr_jax.training import checkpointing
-  try:
-    checkpointing.check_output_dir(args.out, overwrite=args.overwrite)
-    config, params = convert(args.checkpoint, arch=args.arch, cfg_head=cfg_head,
-                             cfg_ffn=cfg_ffn)
-  except (ConversionError, TorchFileError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    cfg_head, cfg_ffn = read_cfg_file(args.cfg_file)
+  if not os.path.isfile(args.checkpoint):
+    kind = "is a directory" if os.path.isdir(args.checkpoint) else "not found"
+    raise FileNotFoundError(f"--checkpoint {args.checkpoint}: {kind}; expected an "
+                            "upstream .ckpt / .pth file written by torch.save.")
+  config, params = convert(args.checkpoint, arch=args.arch, cfg_head=cfg_head,
+                           cfg_ffn=cfg_ffn)
   checkpointing.save_model(args.out, config, params, overwrite=args.overwrite,
                            extra={"source_checkpoint": str(args.checkpoint)})
   from lfpr_jax.models.params import count_params

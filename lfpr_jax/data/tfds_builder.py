@@ -29,19 +29,20 @@ the sparse PHOC rows and targets are zlib-compressed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from lfpr_jax import cli
 from lfpr_jax.data import readers, samples
 from lfpr_jax.data.answers import NUM_ANSWERS
 from lfpr_jax.data.vocab import AnswerVocab
@@ -355,9 +356,15 @@ def find_split(built: str | os.PathLike, split: str, *, dataset: str | None = No
   return matches[0]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """Command-line entry point (the `tfds build` CLI needs TensorFlow)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@cli.command
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point (the `tfds build` CLI needs TensorFlow).
+
+  A missing or malformed input ends with one `error: ...` line on stderr and exit
+  status 1 (2 for malformed arguments); `--debug` shows the traceback.
+  """
+  parser = cli.ArgumentParser(prog="python -m lfpr_jax.data.tfds_builder",
+                              description=__doc__.split("\n\n")[0])
   parser.add_argument("--data_dir", required=True, help="upstream-layout data directory")
   parser.add_argument("--out_dir", required=True, help="where the datasets go")
   parser.add_argument("--dataset", default="textvqa", choices=readers.DATASET_NAMES)
@@ -368,19 +375,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "width if not 2048 (the synthetic benchmark's is smaller)")
   parser.add_argument("--force", action="store_true", help="rebuild unchanged splits")
   args = parser.parse_args(argv)
-  layout = (readers.DataLayout.from_json(args.layout) if args.layout else
-            readers.DataLayout.for_dataset(args.dataset, args.data_dir))
+  splits = [s for s in args.splits.split(",") if s]
+  if not splits:
+    parser.error(f"--splits {args.splits!r} names no split")
+  if args.layout:
+    try:
+      layout = readers.DataLayout.from_json(args.layout)
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON or fields
+      raise ValueError(f"--layout {args.layout} is not a DataLayout JSON (see "
+                       f"DataLayout.to_json): {e}") from e
+  else:
+    layout = readers.DataLayout.for_dataset(args.dataset, args.data_dir)
   config = None
   if args.feat_dim is not None:
     vocab = AnswerVocab.from_file(layout.path(layout.answer_vocab))
     config = TapConfig(num_answers=vocab.num_vocab, obj_feat_dim=args.feat_dim,
                        ocr_feat_dim=args.feat_dim)
-  results = build_dataset(None, args.out_dir, [s for s in args.splits.split(",") if s],
-                          layout=layout, config=config, force=args.force)
+  results = build_dataset(None, args.out_dir, splits, layout=layout, config=config,
+                          force=args.force)
   for r in results.values():
     print(f"{r.split}: {r.num_examples} examples at {r.path}"
           + (" (reused)" if r.reused else ""))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -31,27 +31,56 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
+def _is_model_dir(path: str) -> bool:
+  """Whether `path` holds an `arch.json` / `delta.json` in this module's formats.
+
+  Recognises model and delta directories written before `atomic.MARKER` existed, so
+  `overwrite` can still replace them; anything unreadable is not recognised.
+  """
+  for name, fmt in ((ARCH_FILE, FORMAT), (DELTA_FILE, DELTA_FORMAT)):
+    try:
+      with open(os.path.join(path, name), encoding="utf-8") as f:
+        if json.load(f).get("format") == fmt:
+          return True
+    except (OSError, ValueError, AttributeError):
+      continue
+  return False
+
+
 def check_output_dir(path: str, *, overwrite: bool = False) -> None:
-  """Fails early (before long work) if `path` exists and may not be replaced."""
-  if os.path.exists(path) and not overwrite:
-    raise ValueError(f"output {path} already exists; pass overwrite to replace it.")
+  """Fails early (before long work) if `path` may not be written.
+
+  Raises:
+    atomic.ForeignDirectoryError: `path` exists but is not a model or delta directory
+      lfpr_jax wrote (a file, a link, a folder of other files); it is never deleted,
+      with or without `overwrite`.
+    FileExistsError: `path` exists and `overwrite` is not set.
+    PermissionError: the parent directory is not writable.
+  """
+  atomic.check_replaceable(path, recognise=_is_model_dir)
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"output {path} already exists; pass --overwrite "
+                          "(overwrite=True) to replace it.")
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   if not os.access(parent, os.W_OK):
-    raise ValueError(f"cannot write into {parent}.")
+    raise PermissionError(f"cannot write into {parent} (for output {path}).")
 
 
 def save_model(path: str, config: TapConfig, params: PyTree, *,
                overwrite: bool = False, extra: Mapping[str, Any] | None = None
                ) -> None:
-  """Writes `params` (validated against `config`) and `arch.json` to `path`."""
+  """Writes `params` (validated against `config`) and `arch.json` to `path`.
+
+  With `overwrite`, an existing model directory lfpr_jax wrote is replaced; any other
+  existing path raises (see `check_output_dir`) and is left untouched.
+  """
   check_params(params, config)
   check_output_dir(path, overwrite=overwrite)
-  with atomic.directory(path) as tmp:
+  with atomic.directory(path, overwrite=overwrite, recognise=_is_model_dir) as tmp:
     _save_params(os.path.join(tmp, PARAMS_DIR), params)
     meta = {"format": FORMAT, "config": config.to_dict(), **dict(extra or {})}
-    with open(os.path.join(tmp, ARCH_FILE), "w") as f:
-      json.dump(meta, f, indent=1)
+    atomic.write_json(os.path.join(tmp, ARCH_FILE), meta)
 
 
 def _save_params(path: str, params: PyTree) -> PyTree:
@@ -131,7 +160,7 @@ def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
   selection masks are stored as bits.
   """
   check_output_dir(path, overwrite=overwrite)
-  with atomic.directory(path) as tmp:
+  with atomic.directory(path, overwrite=overwrite, recognise=_is_model_dir) as tmp:
     host = _save_params(os.path.join(tmp, PARAMS_DIR), trainable)
     np.savez_compressed(os.path.join(tmp, MASKS_FILE),
                         head=np.packbits(np.asarray(head_mask) > 0, axis=-1),

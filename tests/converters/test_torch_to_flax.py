@@ -1,12 +1,15 @@
 """The torch -> Flax converter: mapping, architecture inference, CLI, bad input."""
 
 import json
+import os
+import stat
 
 import jax
 import numpy as np
 import pytest
 
 from converters import torch_to_flax as conv
+from lfpr_jax import atomic
 from lfpr_jax.training import checkpointing
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
@@ -28,6 +31,23 @@ def small():
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 0.5 + 0.25 if "mask" in str(path[-1]) else x, params)
   return params, conv.params_to_state_dict(params, SMALL)
+
+
+def _fails(capsys, status, *argv) -> str:
+  """Runs the CLI in-process; asserts `status` and ONE `error:` line; returns it."""
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    conv.main(list(argv))
+  assert e.value.code == status
+  captured = capsys.readouterr()
+  lines = [line for line in captured.err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+  assert captured.out == ""
+  return lines[0]
+
+
+def _leftovers(folder) -> list[str]:
+  return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def _assert_trees_equal(a, b):
@@ -84,17 +104,17 @@ def test_overrides_checked_against_shapes(tmp_path, small, capsys):
   _, sd = small
   ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
   out = tmp_path / "o"
-  rc = conv.main(["--checkpoint", str(ckpt), "--out", str(out), "--cfg-head", "[2,1,1]"])
-  err = capsys.readouterr().err
-  assert rc == 2 and not out.exists()
+  err = _fails(capsys, 1, "--checkpoint", str(ckpt), "--out", str(out),
+               "--cfg-head", "[2,1,1]")
+  assert not out.exists()
   # Names the key and both shapes.
   assert "mmt_layer_1/attention" in err and "missing parameters" in err
   cfg = tmp_path / "cfg.txt"
   cfg.write_text("[2,0,1]\n[256,32,0]\n")
-  rc = conv.main(["--checkpoint", str(ckpt), "--out", str(out), "--cfg-file", str(cfg)])
-  err = capsys.readouterr().err
-  assert rc == 2
+  err = _fails(capsys, 1, "--checkpoint", str(ckpt), "--out", str(out),
+               "--cfg-file", str(cfg))
   assert "mmt_layer_1/ffn/wi/kernel has shape (128, 64), the model expects (128, 32)" in err
+  assert not out.exists()
 
 
 def test_missing_and_unknown_keys(small):
@@ -111,19 +131,144 @@ def test_missing_and_unknown_keys(small):
 
 
 @pytest.mark.parametrize("name", ["truncated.ckpt", "malicious.ckpt"])
-def test_cli_refuses_bad_files(tmp_path, capsys, name):
+def test_cli_refuses_bad_files(tmp_path, capsys, golden_dir, name):
   out = tmp_path / "o"
-  rc = conv.main(["--checkpoint", str(GOLDEN / "torch_files" / name), "--out", str(out)])
-  assert rc == 2
-  assert name in capsys.readouterr().err
+  bad = golden_dir / "torch_files" / name
+  assert bad.is_file()  # refused for what it holds, not for being absent
+  err = _fails(capsys, 1, "--checkpoint", str(bad), "--out", str(out))
+  assert name in err and "not found" not in err
   assert not out.exists()
+  assert _leftovers(tmp_path) == []
 
 
 def test_cli_refuses_existing_output_before_reading(tmp_path, small, capsys):
   out = tmp_path / "o"
   out.mkdir()
-  rc = conv.main(["--checkpoint", str(tmp_path / "absent.ckpt"), "--out", str(out)])
-  assert rc == 2 and "already exists" in capsys.readouterr().err
+  err = _fails(capsys, 1, "--checkpoint", str(tmp_path / "absent.ckpt"), "--out",
+               str(out))
+  assert "already exists" in err and "--overwrite" in err
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["foreign_dir", "file"])
+def test_cli_overwrite_never_deletes_foreign_paths(tmp_path, small, capsys, case):
+  _, sd = small
+  ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
+  out = tmp_path / "mine"
+  if case == "file":
+    out.write_text("not a model")
+    before = {"": out.read_bytes()}
+  else:
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "sub" / "arch.json").write_text("{}")
+    before = _snapshot(out)
+  for extra in ([], ["--overwrite"]):
+    err = _fails(capsys, 1, "--checkpoint", str(ckpt), "--out", str(out), *extra)
+    assert f"refusing to replace {out}" in err
+    after = {"": out.read_bytes()} if case == "file" else _snapshot(out)
+    assert after == before
+  assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("legacy_dir", [False, True], ids=["marked", "arch_json_only"])
+def test_cli_overwrite_replaces_own_model_dir(tmp_path, small, capsys, legacy_dir):
+  params, sd = small
+  first = write_checkpoint(tmp_path / "first.ckpt", sd)
+  second = write_checkpoint(tmp_path / "second.ckpt", sd, legacy=True)
+  out = tmp_path / "converted"
+  assert conv.main(["--checkpoint", str(first), "--out", str(out)]) == 0
+  if legacy_dir:  # written before markers existed: recognised by its arch.json
+    (out / atomic.MARKER).unlink()
+  (out / "stale.txt").write_text("from an earlier run")
+  assert conv.main(["--checkpoint", str(second), "--out", str(out),
+                    "--overwrite"]) == 0
+  meta = json.loads((out / "arch.json").read_text())
+  assert meta["source_checkpoint"] == str(second)
+  assert not (out / "stale.txt").exists() and atomic.is_marked(out)
+  config, restored = checkpointing.load_model(str(out))
+  assert config == SMALL
+  _assert_trees_equal(restored, params)
+  assert _leftovers(tmp_path) == []
+
+
+def test_cli_output_permissions_follow_umask(tmp_path, small):
+  _, sd = small
+  ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
+  out = tmp_path / "converted"
+  previous = os.umask(0o022)
+  try:
+    assert conv.main(["--checkpoint", str(ckpt), "--out", str(out)]) == 0
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+  assert stat.S_IMODE(os.stat(out / "arch.json").st_mode) == 0o644
+
+
+@pytest.mark.parametrize("args,status,expect", [
+    (["--cfg-head", "[3,2"], 2, "argument --cfg-head: expected a list of non-negative"),
+    (["--cfg-ffn", "[1,-2]"], 2, "argument --cfg-ffn: expected a list of non-negative"),
+    (["--cfg-head", "__import__('os')"], 2, "argument --cfg-head"),
+    (["--cfg-file", "CFG", "--cfg-head", "[1,1,1]"], 2, "--cfg-file gives both lists"),
+    (["--arch", "nope"], 2, "argument --arch: invalid choice"),
+    (["--cfg-file", "ABSENT"], 1, "--cfg-file ABSENT not found"),
+])
+def test_cli_bad_arguments(tmp_path, small, capsys, args, status, expect):
+  _, sd = small
+  ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
+  (tmp_path / "cfg.txt").write_text("[2,0,1]\n[256,64,0]\n")
+  args = [a.replace("CFG", str(tmp_path / "cfg.txt")).replace(
+      "ABSENT", str(tmp_path / "absent.txt")) for a in args]
+  out = tmp_path / "o"
+  err = _fails(capsys, status, "--checkpoint", str(ckpt), "--out", str(out), *args)
+  assert expect.replace("ABSENT", str(tmp_path / "absent.txt")) in err
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("[2,0,1]\n", "must have two lines"),
+    ("[2,0,1]\n[256,64\n", "neurons line '[256,64' is not a Python list"),
+    ("[2,0,1]\n[256,64]\n", "lists 3 head counts and 2 FFN widths"),
+    ("2 0 1\n256 64 0\n", "heads line '2 0 1' is not a Python list"),
+])
+def test_cli_malformed_cfg_file(tmp_path, small, capsys, text, expect):
+  _, sd = small
+  ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
+  cfg = tmp_path / "cfg.txt"
+  cfg.write_text(text)
+  out = tmp_path / "o"
+  err = _fails(capsys, 1, "--checkpoint", str(ckpt), "--out", str(out), "--cfg-file",
+               str(cfg))
+  assert f"--cfg-file {cfg}: " in err and expect in err
+  assert not out.exists()
+
+
+def test_cli_cfg_file_matches_checkpoint(tmp_path, small):
+  """A correct cfg.txt (parsed by selection.parse_cfg_txt) converts as inferred."""
+  params, sd = small
+  ckpt = write_checkpoint(tmp_path / "m.ckpt", sd)
+  cfg = tmp_path / "cfg.txt"
+  cfg.write_text("[2, 0, 1]\n[256, 64, 0]\n")
+  out = tmp_path / "o"
+  assert conv.main(["--checkpoint", str(ckpt), "--out", str(out), "--cfg-file",
+                    str(cfg)]) == 0
+  assert checkpointing.load_config(str(out)) == SMALL
+
+
+@pytest.mark.parametrize("kind", ["absent", "directory"])
+def test_cli_missing_checkpoint(tmp_path, capsys, kind):
+  ckpt = tmp_path / "model.ckpt"
+  if kind == "directory":
+    ckpt.mkdir()
+  out = tmp_path / "o"
+  err = _fails(capsys, 1, "--checkpoint", str(ckpt), "--out", str(out))
+  assert f"--checkpoint {ckpt}: " in err
+  assert ("not found" if kind == "absent" else "is a directory") in err
+  assert not out.exists()
 
 
 @pytest.mark.parametrize("arch", ["tap", "tap12"])
