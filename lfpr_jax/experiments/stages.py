@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import jax
 import ml_collections
 
 from lfpr_jax import atomic
+from lfpr_jax.cache import file_sha256
 
 T = TypeVar("T")
 RECORD_FILE = "config.json"
@@ -66,14 +66,6 @@ def select_keys(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, A
 def _meta_path(path: str) -> str:
   stem = path[:-len(".json")] if path.endswith(".json") else os.path.splitext(path)[0]
   return stem + ".meta.json"
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def load_json(path: str) -> Any:
