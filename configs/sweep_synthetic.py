@@ -1,4 +1,4 @@
-r"""The comparison sweep on the embedded synthetic benchmark (issue 6).
+r"""The comparison sweep on the embedded synthetic benchmark.
 
     python -m lfpr_jax.main --config=configs/sweep_synthetic.py --workdir=/tmp/lfpr_synthetic
 
