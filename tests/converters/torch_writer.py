@@ -1,49 +1,26 @@
-"""Writes numpy state dicts in PyTorch's file formats, without torch (test helper).
+"""Writes numpy state dicts as the upstream checkpoints were saved (test helper).
 
-Hand-built protocol-2 pickle opcodes, exactly the globals and persistent ids that
-`torch.save` writes, in the zip format (torch >= 1.6) or the legacy format (torch 1.4,
-which wrote the released TAP checkpoints). Used to exercise the converter end to end.
+A thin wrapper over the library writer `converters.torch_writer` that adds what only
+the tests need: pythia's checkpoint dict around the state dict (with its `ConfigNode`,
+which the reader must see as an inert placeholder) and tensors saved from `cuda:0`, as
+the released TAP checkpoints were. The opcode helpers are re-exported for the tests that
+hand-build malformed pickles.
 """
 
 from __future__ import annotations
 
-import pickle
-import struct
-import zipfile
+import collections
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _glob(module: str, name: str) -> bytes:
-  return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def _str(text: str) -> bytes:
-  data = text.encode()
-  return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _int(value: int) -> bytes:
-  return b"J" + struct.pack("<i", value)
-
-
-def _tuple(*items: bytes) -> bytes:
-  return b"(" + b"".join(items) + b"t"
-
-
-def _tensor(key: str, arr: np.ndarray, legacy: bool) -> bytes:
-  strides = tuple(s // arr.itemsize for s in arr.strides) if arr.size else tuple(
-      int(np.prod(arr.shape[i + 1:])) for i in range(arr.ndim))
-  pid = _tuple(_str("storage"), _glob("torch", "FloatStorage"), _str(key),
-               _str("cuda:0"), _int(arr.size), *([b"N"] if legacy else []))
-  args = [pid + b"Q", _int(0), _tuple(*map(_int, arr.shape)),
-          _tuple(*map(_int, strides)), b"\x89",
-          _glob("collections", "OrderedDict") + b")R"]
-  return _glob("torch._utils", "_rebuild_tensor_v2") + _tuple(*args) + b"R"
+from converters import torch_writer
+from converters.torch_writer import LEGACY_MAGIC  # noqa: F401 (re-exported)
+from converters.torch_writer import op_global as _glob  # noqa: F401
+from converters.torch_writer import op_int as _int  # noqa: F401
+from converters.torch_writer import op_str as _str  # noqa: F401
+from converters.torch_writer import op_tuple as _tuple  # noqa: F401
 
 
 def write_checkpoint(path: Path, state_dict: Mapping[str, np.ndarray], *,
@@ -57,32 +34,12 @@ def write_checkpoint(path: Path, state_dict: Mapping[str, np.ndarray], *,
     pythia: wrap as a pythia checkpoint `{'model': sd, 'best_iteration': 24000,
       'config': pythia ConfigNode, ...}` instead of a bare state dict.
   """
-  storages: dict[str, np.ndarray] = {}
-  body = b""
-  for i, (name, value) in enumerate(state_dict.items()):
-    arr = np.ascontiguousarray(value, np.float32)
-    storages[str(i)] = arr
-    body += _str(name) + _tensor(str(i), arr, legacy)
-  sd = _glob("collections", "OrderedDict") + b")R(" + body + b"u"
+  sd = collections.OrderedDict(
+      (name, np.ascontiguousarray(value, np.float32)) for name, value in state_dict.items())
+  obj = sd
   if pythia:
-    config = _glob("pythia.utils.configuration", "ConfigNode") + b")R"
-    obj = (b"}(" + _str("model") + sd + _str("best_iteration") + _int(24000)
-           + _str("config") + config + _str("git/branch") + _str("master") + b"u")
-  else:
-    obj = sd
-  pkl = b"\x80\x02" + obj + b"."
-  if legacy:
-    sys_info = {"protocol_version": 1001, "little_endian": True,
-                "type_sizes": {"short": 2, "int": 4, "long": 4}}
-    parts = [pickle.dumps(x, protocol=2) for x in (LEGACY_MAGIC, 1001, sys_info)]
-    parts += [pkl, pickle.dumps(list(storages), protocol=2)]
-    parts += [struct.pack("<q", a.size) + a.tobytes() for a in storages.values()]
-    path.write_bytes(b"".join(parts))
-  else:
-    with zipfile.ZipFile(path, "w") as zf:
-      zf.writestr("archive/data.pkl", pkl)
-      zf.writestr("archive/byteorder", b"little")
-      for key, arr in storages.items():
-        zf.writestr(f"archive/data/{key}", arr.tobytes())
-      zf.writestr("archive/version", b"3\n")
+    obj = {"model": sd, "best_iteration": 24000,
+           "config": torch_writer.Instance("pythia.utils.configuration", "ConfigNode"),
+           "git/branch": "master"}
+  torch_writer.save(path, obj, legacy=legacy, location="cuda:0")
   return path
