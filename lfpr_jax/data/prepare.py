@@ -11,6 +11,7 @@ Real data (`config.data`):
   `<root>/bert-base-uncased/vocab.txt` and `<root>/.vector_cache/wiki.en.bin`
   (`readers.BERT_VOCAB_SOURCE`, `readers.FASTTEXT_MODEL_SOURCE` say where to get them).
   Both, and the `fasttext` package, are checked before any long work.
+  `fasttext_model="none"` selects the deterministic stand-in vectors (tests only).
 * `built_dir`: default `tfds_builder.default_built_dir(root, dataset)`
   (`<root>/lfpr_jax_built/<dataset>`), shared by every workdir and by TAP and TAP12
   runs; it is where `python -m lfpr_jax.data.tfds_builder --data_dir <root>` writes.
@@ -50,6 +51,8 @@ def data_layout(data: ml_collections.ConfigDict, root: str) -> readers.DataLayou
     value = data.get(field, "")
     if value:
       overrides[field] = os.fspath(value)
+  if str(overrides.get("fasttext_model", "")).lower() == "none":
+    overrides["fasttext_model"] = None  # stand-in vectors: tests only, not upstream's
   return readers.DataLayout.for_dataset(data.dataset, root, **overrides)
 
 
