@@ -92,8 +92,16 @@ def real_data_config(model: str, dataset: str, arg: str | None = None
   config.seed = 0
   config.data = ml_collections.ConfigDict(dict(
       dataset=dataset,
-      root="",        # the TAP data release; default <workdir>/data/<dataset>
-      built_dir="",   # ArrayRecord output; default <workdir>/tfds
+      # The TAP data release root (required): one root holds TextVQA and ST-VQA.
+      root="",
+      # bert-base-uncased vocab.txt and fastText wiki.en.bin are not in the release;
+      # default <root>/bert-base-uncased/vocab.txt, <root>/.vector_cache/wiki.en.bin
+      # (relative paths are relative to root).
+      bert_vocab="",
+      fasttext_model="",
+      # ArrayRecord build; default <root>/lfpr_jax_built/<dataset>, shared by every
+      # workdir and by TAP and TAP12 (python -m lfpr_jax.data.tfds_builder writes it).
+      built_dir="",
       splits=("train", "val")))
   # Shapes of the converted checkpoint (python -m converters.torch_to_flax).
   config.model = ml_collections.ConfigDict(MODEL_FIELDS[model])

@@ -21,16 +21,16 @@ Each array gets its own storage (no sharing between tensors), written contiguous
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
-from typing import Any, BinaryIO, Iterator, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from lfpr_jax import atomic
 
 __all__ = ["LEGACY_MAGIC", "Instance", "dumps", "save", "write_text"]
 
@@ -156,24 +156,9 @@ def _legacy_bytes(pkl: bytes, storages: dict[str, np.ndarray]) -> bytes:
   return b"".join(parts)
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[BinaryIO]:
-  """A temporary sibling of `path`, renamed onto it when the block succeeds."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` (UTF-8) to `path` atomically."""
-  with _atomic_file(os.fspath(path)) as f:
-    f.write(text.encode())
+  atomic.write_text(path, text)
 
 
 def save(path: str | os.PathLike, obj: Any, *, legacy: bool = False,
@@ -187,7 +172,8 @@ def save(path: str | os.PathLike, obj: Any, *, legacy: bool = False,
     location: device name recorded for every storage.
   """
   pkl, storages = dumps(obj, legacy=legacy, location=location)
-  with _atomic_file(os.fspath(path)) as f:
+
+  def write(f: BinaryIO) -> None:
     if legacy:
       f.write(_legacy_bytes(pkl, storages))
       return
@@ -197,3 +183,4 @@ def save(path: str | os.PathLike, obj: Any, *, legacy: bool = False,
       for key, arr in storages.items():
         _write_aligned(zf, f"archive/data/{key}", arr.tobytes())
       _write_aligned(zf, "archive/version", b"3\n")
+  atomic.write_stream(path, write)

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -76,6 +76,33 @@ def _write_file(path: str | os.PathLike, write: Callable[[str], None], *,
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same directory."""
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      f.write(data)
+  _write_file(path, write)
+
+
+def write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+  """Calls `write(f)` on a binary file that replaces `path` only when it returns."""
+  def to_tmp(tmp: str) -> None:
+    with open(tmp, "wb") as f:
+      write(f)
+  _write_file(path, to_tmp)
+
+
+def check_new_file(path: str | os.PathLike, *, overwrite: bool = False,
+                   flag: str = "--overwrite") -> None:
+  """Fails early unless `path` can be written as a file: absent, or a file that
+  `overwrite` allows replacing (never a directory)."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory; expected a file name.")
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; pass {flag} to replace it.")
 
 
 def savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:

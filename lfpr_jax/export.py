@@ -40,12 +40,12 @@ import argparse
 import importlib.util
 import os
 import sys
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from lfpr_jax import atomic
 from lfpr_jax.models.batch import INT_FIELDS, MODEL_INPUTS, field_shapes
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
@@ -101,19 +101,6 @@ def export_greedy(config: TapConfig, params: PyTree, *, bos_index: int = 1,
                            platforms=tuple(platforms))(specs)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary sibling of `path`, then renames it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def check_paths(model_dir: str, out: str, *, overwrite: bool = False) -> None:
   """Fails before any work: `model_dir` must be a model directory, `out` free.
 
@@ -125,9 +112,7 @@ def check_paths(model_dir: str, out: str, *, overwrite: bool = False) -> None:
     raise ValueError(f"{model_dir} is not an lfpr_jax model directory (no "
                      f"{checkpointing.ARCH_FILE}); expected a directory written by "
                      "`python -m converters.torch_to_flax` or `TapModel.save`.")
-  if os.path.isdir(out):
-    raise ValueError(f"--out {out} is a directory; expected a file name.")
-  checkpointing.check_output_dir(out, overwrite=overwrite)
+  atomic.check_new_file(out, overwrite=overwrite)
 
 
 def export_model(model_dir: str, out: str, *, bos_index: int = 1,
@@ -145,7 +130,7 @@ def export_model(model_dir: str, out: str, *, bos_index: int = 1,
   config, params = checkpointing.load_model(model_dir)
   exported = export_greedy(config, params, bos_index=bos_index,
                            params_as_input=params_as_input, platforms=platforms)
-  _write_atomic(out, bytes(exported.serialize()))
+  atomic.write_bytes(out, bytes(exported.serialize()))
   return exported
 
 

@@ -14,10 +14,12 @@ What is on disk (TAP.md §3.1) and how each file is read here:
   (`read_object_class_names`).
 * **BERT WordPiece** `vocab.txt` of `bert-base-uncased` (`BertTokenizer`), reproducing
   pytorch-transformers 1.2 `BertTokenizer.encode(text, add_special_tokens=True)` with the
-  maintained HF `tokenizers` library.
+  maintained HF `tokenizers` library. Not in the TAP data release: `BERT_VOCAB_SOURCE`.
 * **FastText** `wiki.en.bin` (`FastTextVectors`), or a deterministic subword-hashing
-  stand-in when no model file is given.
-* **Directory layouts** of TextVQA / ST-VQA as the TAP configs name them (`DataLayout`).
+  stand-in when no model file is given. Not in the TAP data release:
+  `FASTTEXT_MODEL_SOURCE`; `check_setup_files` checks both before any long work.
+* **Directory layouts** of TextVQA / ST-VQA as the TAP configs name them (`DataLayout`);
+  one release root holds both.
 
 Every missing file or directory is a `FileNotFoundError` that names the path and what it
 should contain; every malformed input is one `ValueError` naming the file (and entry).
@@ -41,6 +43,16 @@ BERT_SPECIAL_IDS: Mapping[str, int] = types.MappingProxyType(
 BACKGROUND_CLASS: str = "background"
 COPY_ANSWER: str = "<copy>"
 FASTTEXT_PIP_PACKAGE: str = "fasttext-wheel"
+FASTTEXT_INSTALL: str = ("pip install -e '.[real]' (the optional extra installs "
+                         f"{FASTTEXT_PIP_PACKAGE}), or pip install {FASTTEXT_PIP_PACKAGE}")
+BERT_VOCAB_SOURCE: str = (
+    "vocab.txt of bert-base-uncased (30522 lines) from the Hugging Face model page "
+    "https://huggingface.co/bert-base-uncased (Files: vocab.txt)")
+FASTTEXT_MODEL_SOURCE: str = (
+    "wiki.en.bin (English, 300-d, bin+text zip) from "
+    "https://fasttext.cc/docs/en/pretrained-vectors.html; loading it takes ~8 GB of RAM")
+# fastText binary models start with this int32 magic, then an int32 version.
+_FASTTEXT_MAGIC: int = 793712314
 
 
 def require_file(path: str | os.PathLike, what: str) -> str:
@@ -119,9 +131,11 @@ class DataLayout:
   """An upstream-layout data directory: which file holds what.
 
   Paths are relative to `root` (absolute paths are kept as they are). The defaults are
-  the paths of the TAP configs (`configs/vqa/m4c_*/tap_refine.yml`); the BERT vocabulary
-  and the FastText model are not part of the upstream data directory (pytorch-transformers
-  and pythia download them), so here they sit under `root` by default.
+  the paths of the TAP configs (`configs/vqa/m4c_*/tap_refine.yml`); one release root
+  holds both TextVQA and ST-VQA. The BERT vocabulary and the FastText model are not part
+  of the release (pytorch-transformers and pythia download them: `BERT_VOCAB_SOURCE`,
+  `FASTTEXT_MODEL_SOURCE`), so here they sit under `root` by default and may be
+  anywhere else (absolute paths).
 
   Attributes:
     root: the data directory (upstream `data_root_dir`).
@@ -395,7 +409,20 @@ def _load_features(path: str, what: str) -> tuple[np.ndarray, dict]:
   if not isinstance(info, Mapping):
     raise ValueError(f"{what} info {info_file}: expected a pickled dict, got "
                      f"{type(info).__name__}.")
-  return feats, dict(info)
+  # Python 2 `str` keys arrive as `str` through encoding='latin1'; keys pickled as
+  # Python 3 `bytes` (re-saved files) are decoded the same way.
+  return feats, {k.decode("latin1") if isinstance(k, bytes) else k: v
+                 for k, v in info.items()}
+
+
+def _token_str(token: Any) -> str:
+  """A token as str: `bytes` (re-saved Python 3 files) are UTF-8 (else latin-1)."""
+  if isinstance(token, bytes):
+    try:
+      return token.decode("utf-8")
+    except UnicodeDecodeError:
+      return token.decode("latin1")
+  return str(token)
 
 
 def _boxes(info: Mapping[str, Any], key: str, file: str) -> np.ndarray:
@@ -431,7 +458,7 @@ def read_object_features(path: str | os.PathLike, class_names: Sequence[str]
     raise ValueError(f"object info {file}: missing key 'bbox' (keys: {sorted(info)}).")
   boxes = _boxes(info, "bbox", f"object info {file}")
   if "object_tokens" in info:
-    tokens = [str(t) for t in info["object_tokens"]]
+    tokens = [_token_str(t) for t in info["object_tokens"]]
   elif "objects" in info:
     ids = np.asarray(info["objects"]).reshape(-1)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
@@ -474,7 +501,7 @@ def read_ocr_features(path: str | os.PathLike) -> OcrFeatures:
   for key in ("ocr_tokens", "ocr_boxes"):
     if key not in info:
       raise ValueError(f"OCR info {file}: missing key {key!r} (keys: {sorted(info)}).")
-  tokens = [str(t) for t in info["ocr_tokens"]]
+  tokens = [_token_str(t) for t in info["ocr_tokens"]]
   boxes = _boxes(info, "ocr_boxes", f"OCR info {file}")
   n = feats.shape[0]
   if boxes.shape[0] != n or len(tokens) != n:
@@ -504,6 +531,40 @@ def read_object_class_names(path: str | os.PathLike) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------
 # BERT WordPiece
 # ----------------------------------------------------------------------------------
+def read_bert_vocab(path: str | os.PathLike) -> dict[str, int]:
+  """Reads and checks a `bert-base-uncased` WordPiece `vocab.txt`.
+
+  Args:
+    path: the vocabulary, one wordpiece per line, id = line number.
+
+  Returns:
+    wordpiece -> id (pytorch-transformers `load_vocab`).
+
+  Raises:
+    FileNotFoundError: the file is missing (names where to get it).
+    ValueError: not UTF-8 text, or a special token is missing or not at its
+      `bert-base-uncased` id (`BERT_SPECIAL_IDS`): the TAP collator writes 102 as
+      `[SEP]` and the model masks id 0.
+  """
+  path = require_file(path, f"the BERT WordPiece vocabulary: {BERT_VOCAB_SOURCE}")
+  vocab: dict[str, int] = {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      for index, line in enumerate(f):
+        vocab[line.rstrip("\n")] = index
+  except UnicodeDecodeError as e:
+    raise ValueError(f"BERT vocabulary {path}: not UTF-8 text ({e}); expected "
+                     f"{BERT_VOCAB_SOURCE}.") from e
+  wrong = {tok: vocab.get(tok) for tok, idx in BERT_SPECIAL_IDS.items()
+           if vocab.get(tok) != idx}
+  if wrong:
+    raise ValueError(
+        f"BERT vocabulary {path}: special tokens must sit at the bert-base-uncased ids "
+        f"{dict(BERT_SPECIAL_IDS)}; found {wrong} (None = absent). Expected "
+        f"{BERT_VOCAB_SOURCE}.")
+  return vocab
+
+
 class BertTokenizer:
   """`bert-base-uncased` WordPiece as pytorch-transformers 1.2 `BertTokenizer` applies it.
 
@@ -529,19 +590,8 @@ class BertTokenizer:
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers  # noqa: PLC0415
 
-    self.vocab_path = require_file(vocab_path, "the bert-base-uncased WordPiece "
-                                   "vocabulary (vocab.txt, one wordpiece per line)")
-    vocab: dict[str, int] = {}
-    with open(self.vocab_path, encoding="utf-8") as f:
-      for index, line in enumerate(f):
-        vocab[line.rstrip("\n")] = index  # pytorch-transformers `load_vocab`
-    wrong = {tok: vocab.get(tok) for tok, idx in BERT_SPECIAL_IDS.items()
-             if vocab.get(tok) != idx}
-    if wrong:
-      raise ValueError(
-          f"BERT vocabulary {self.vocab_path}: special tokens must sit at the "
-          f"bert-base-uncased ids {dict(BERT_SPECIAL_IDS)}; found {wrong} "
-          "(None = absent).")
+    self.vocab_path = os.fspath(vocab_path)
+    vocab = read_bert_vocab(self.vocab_path)
     self.vocab_size = max(vocab.values()) + 1
     self.cls_id = BERT_SPECIAL_IDS["[CLS]"]
     self.sep_id = BERT_SPECIAL_IDS["[SEP]"]
@@ -590,6 +640,65 @@ def _fnv1a(data: bytes) -> int:
   return h
 
 
+def import_fasttext(model_path: str | os.PathLike):
+  """The `fasttext` module; one ImportError naming the package and how to install it."""
+  try:
+    import fasttext  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(
+        f"reading the FastText model {os.fspath(model_path)} needs the Python package "
+        f"{FASTTEXT_PIP_PACKAGE} (module 'fasttext'), which is not installed: "
+        f"{FASTTEXT_INSTALL}.") from e
+  return fasttext
+
+
+def check_fasttext_model(path: str | os.PathLike) -> str:
+  """Checks that `path` is a fastText binary model without loading it (8 bytes read).
+
+  Returns:
+    `path` as a string.
+
+  Raises:
+    FileNotFoundError: the file is missing (names where to get it).
+    ValueError: the file does not start with the fastText magic number (e.g. the
+      text-format `wiki.en.vec`, or a truncated download).
+  """
+  path = require_file(path, f"the fastText binary model: {FASTTEXT_MODEL_SOURCE}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  magic = int.from_bytes(head, "little") if len(head) == 4 else None
+  if magic != _FASTTEXT_MAGIC:
+    raise ValueError(f"FastText model {path}: not a fastText binary model (it does not "
+                     f"start with the fastText magic number); expected "
+                     f"{FASTTEXT_MODEL_SOURCE}.")
+  return path
+
+
+def check_setup_files(layout: DataLayout) -> int:
+  """Checks the inputs that are not in the TAP data release, before any long work.
+
+  The BERT vocabulary is read and checked; the fastText model's header is checked and
+  the `fasttext` package imported (the model itself, ~8 GB, is not loaded).
+
+  Args:
+    layout: the data layout (`bert_vocab`, `fasttext_model`).
+
+  Returns:
+    The BERT vocabulary size.
+
+  Raises:
+    FileNotFoundError / ValueError / ImportError: one message naming the file or
+      package and where to get it.
+  """
+  vocab_size = max(read_bert_vocab(layout.path(layout.bert_vocab)).values()) + 1
+  if layout.fasttext_path() is not None:
+    require_file(layout.fasttext_path(),
+                 f"the fastText binary model: {FASTTEXT_MODEL_SOURCE}")
+    import_fasttext(layout.fasttext_path())
+    check_fasttext_model(layout.fasttext_path())
+  return vocab_size
+
+
 class FastTextVectors:
   """FastText word vectors of OCR tokens (TAP.md §3.2 step 5).
 
@@ -617,21 +726,21 @@ class FastTextVectors:
 
     Raises:
       FileNotFoundError: `model_path` does not exist.
+      ValueError: `model_path` is not a fastText binary model.
       ImportError: the fastText package is missing (names the pip package).
     """
     self.model_path = None if model_path is None else os.fspath(model_path)
     self._model = None
     self._table = None
     if self.model_path is not None:
-      require_file(self.model_path, "a fastText binary model (wiki.en.bin, 300-d)")
+      require_file(self.model_path, f"the fastText binary model: {FASTTEXT_MODEL_SOURCE}")
+      fasttext = import_fasttext(self.model_path)
+      check_fasttext_model(self.model_path)
       try:
-        import fasttext  # noqa: PLC0415
-      except ImportError as e:
-        raise ImportError(
-            f"reading the FastText model {self.model_path} needs the fastText Python "
-            f"package: pip install {FASTTEXT_PIP_PACKAGE} (or 'fasttext'); pass "
-            "model_path=None for the deterministic stand-in vectors.") from e
-      self._model = fasttext.load_model(self.model_path)
+        self._model = fasttext.load_model(self.model_path)
+      except (ValueError, RuntimeError, MemoryError) as e:
+        raise ValueError(f"FastText model {self.model_path}: fastText could not load it "
+                         f"({e}); expected {FASTTEXT_MODEL_SOURCE}.") from e
       self.dim = int(self._model.get_dimension())
     else:
       if dim < 1 or buckets < 1:

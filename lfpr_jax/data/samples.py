@@ -25,6 +25,7 @@ Ids and counts are int32, features float32; strings are numpy object arrays of U
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -78,6 +79,42 @@ def normalise_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarra
   return np.array(boxes * scale, dtype=np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Resources:
+  """The split-independent inputs of `SampleBuilder`, loaded once per build.
+
+  The fastText model takes ~8 GB of RAM and about a minute to load, so a build of
+  several splits loads it once (`load_resources`) and shares it.
+
+  Attributes:
+    vocab: the answer vocabulary.
+    tokenizer: BERT WordPiece.
+    fasttext: OCR-token word vectors.
+    class_names: object class names, `background` at 0.
+  """
+  vocab: AnswerVocab
+  tokenizer: readers.BertTokenizer
+  fasttext: readers.FastTextVectors
+  class_names: tuple[str, ...]
+
+
+def load_resources(layout: readers.DataLayout, fasttext_dim: int = 300) -> Resources:
+  """Loads the vocabularies, the tokenizer and the FastText vectors named by `layout`.
+
+  Args:
+    layout: the data directory layout.
+    fasttext_dim: width of the stand-in vectors when `layout.fasttext_model` is None.
+
+  Returns:
+    The resources.
+  """
+  return Resources(
+      vocab=AnswerVocab.from_file(layout.path(layout.answer_vocab)),
+      tokenizer=readers.BertTokenizer(layout.path(layout.bert_vocab)),
+      fasttext=readers.FastTextVectors(layout.fasttext_path(), dim=fasttext_dim),
+      class_names=readers.read_object_class_names(layout.path(layout.object_vocab)))
+
+
 class SampleBuilder:
   """Builds fixed-shape TAP examples of one split.
 
@@ -123,28 +160,31 @@ class SampleBuilder:
 
   @classmethod
   def from_layout(cls, layout: readers.DataLayout, split: str,
-                  config: TapConfig | None = None) -> "SampleBuilder":
-    """Loads vocabularies, tokenizer and FastText named by `layout` for `split`.
+                  config: TapConfig | None = None, *,
+                  resources: Resources | None = None) -> "SampleBuilder":
+    """The builder of `split`, loading what `layout` names unless `resources` is given.
 
     Args:
       layout: the data directory layout.
       split: split name (`train`, `val`, `test`).
       config: model shapes; default `TapConfig()` with `num_answers` set to the
         answer vocabulary's size.
+      resources: already loaded vocabularies, tokenizer and FastText vectors (shared
+        by the splits of one build); default: loaded from `layout`.
 
     Returns:
       The builder.
     """
     files = layout.split(split)
-    vocab = AnswerVocab.from_file(layout.path(layout.answer_vocab))
+    if resources is None:
+      resources = load_resources(
+          layout, TapConfig().fasttext_dim if config is None else config.fasttext_dim)
     if config is None:
-      config = TapConfig(num_answers=vocab.num_vocab)
+      config = TapConfig(num_answers=resources.vocab.num_vocab)
     return cls(
         obj_dir=files.obj_features, ocr_dir=files.ocr_features, config=config,
-        vocab=vocab, tokenizer=readers.BertTokenizer(layout.path(layout.bert_vocab)),
-        fasttext=readers.FastTextVectors(layout.fasttext_path(),
-                                         dim=config.fasttext_dim),
-        class_names=readers.read_object_class_names(layout.path(layout.object_vocab)))
+        vocab=resources.vocab, tokenizer=resources.tokenizer,
+        fasttext=resources.fasttext, class_names=resources.class_names)
 
   def feature_files(self, entry: readers.ImdbEntry) -> tuple[str, str]:
     """(object feature file, OCR feature file) of `entry`."""
