@@ -59,7 +59,8 @@ def unflat(d: Mapping[str, Any]) -> dict[str, Any]:
 def _compile(rules: Sequence[Rule]) -> list[tuple[re.Pattern, Optional[str]]]:
   out = []
   for rule in rules:
-    if len(rule) != 2 or not isinstance(rule[0], str):
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+        or not isinstance(rule[0], str)):
       raise ValueError(f"a parameter rule must be (regex, group or None), got {rule!r}.")
     out.append((re.compile(rule[0]), None if rule[1] is None else str(rule[1])))
   return out
