@@ -451,8 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if jax.process_index() == 0:
       imp.save(imp_path)
       write_json(imp_path + ".json", {"seconds": imp_seconds,
-                                           "num_samples": imp.num_samples,
-                                           "t_star": t_star})
+                                      "num_samples": imp.num_samples,
+                                      "t_star": t_star})
   head_imp, ffn_imp = imp.scores(per_sample=p.per_sample)
   ctx.times["importance"] = imp_seconds
   labels = ctx.labels()

@@ -113,6 +113,8 @@ def run_steps(step_fn: Callable[..., tuple[TrainState, dict]], state: TrainState
     FloatingPointError: a step produced a non-finite loss (named by step number);
       the last good checkpoint is kept.
   """
+  if directory is not None and loader is None:
+    raise ValueError("a checkpointed run needs the `loader` whose position it saves.")
   is_main = jax.process_index() == 0
   manager = checkpointing.train_manager(directory) if directory is not None else None
   start_step, prior_seconds = 0, 0.0
