@@ -24,7 +24,7 @@ What is timed (full-size TAP, float32, random weights, the realistic random batc
                         per-batch gradient G_b, no per-sample split);
   rest_k{k}_b{B}        one ReSt optimiser step (`step.make_train_step` with
                         `rest.trainable_rules(cfg, k)` and `optim.make_optimizer` set
-                        up exactly as `rest.retrain` does; dropout on, fresh key per
+                        up exactly as `loop.train_subset` does; dropout on, fresh key per
                         step) of the full TAP pruned to c = 0.4 (heads (5, 3, 1, 2),
                         FFN (1511, 1494, 1483, 1480), learnable masks: 11.4 M MMT
                         parameters, the paper's c = 0.4 model);

@@ -2,7 +2,7 @@
 
 TextVQA (and the synthetic benchmark, which has TextVQA's 10 answers per question)
 report the EvalAI-normalised 10-choose-9 accuracy; ST-VQA reports its accuracy (exact
-match after normalisation) and ANLS (docs/TAP.md §10). The metric is chosen from the
+match after normalisation) and ANLS (docs/TAP.md §9). The metric is chosen from the
 dataset name (`config.data.dataset`), never from the data.
 """
 

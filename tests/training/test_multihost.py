@@ -36,7 +36,7 @@ from lfpr_jax.training import optim
 from lfpr_jax.data import pipeline
 from lfpr_jax.models.params import init_params
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multihost_worker.py"
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
