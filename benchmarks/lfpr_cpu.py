@@ -22,9 +22,9 @@ What is timed (full-size TAP, float32, random weights, the realistic random batc
                         one iteration of `lfpr.compute_importance`'s loop;
   score_batched_t0_b8   diagnostic: one `grad` of the batch objective (upstream's
                         per-batch gradient G_b, no per-sample split);
-  rest_k{k}_b{B}        one ReSt optimiser step (`train.make_train_step` with
-                        `rest.trainable_patterns(cfg, k)` and `train.make_optimizer` set
-                        up exactly as `rest.retrain` does; dropout on, fresh key per
+  rest_k{k}_b{B}        one ReSt optimiser step (`step.make_train_step` with
+                        `rest.trainable_rules(cfg, k)` and `optim.make_optimizer` set
+                        up exactly as `loop.train_subset` does; dropout on, fresh key per
                         step) of the full TAP pruned to c = 0.4 (heads (5, 3, 1, 2),
                         FFN (1511, 1494, 1483, 1480), learnable masks: 11.4 M MMT
                         parameters, the paper's c = 0.4 model);
@@ -66,7 +66,9 @@ from benchmarks import common
 from benchmarks.tap_cpu import xla_estimates
 from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.training import parallel
-from lfpr_jax.training import step as train
+from lfpr_jax.pruning import rest
+from lfpr_jax.training import optim
+from lfpr_jax.training.step import init_state, make_train_step
 from lfpr_jax.models.batch import INT_FIELDS, MODEL_INPUTS, STEP_FIELDS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params, init_params
@@ -108,36 +110,11 @@ def rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   return {k: np.concatenate([v] * reps)[:size] for k, v in batch.items()}
 
 
-def trainable_patterns(config: TapConfig, layers: int) -> list[str]:
-  """`rest.trainable_patterns`; a copy only where `lfpr_jax.pruning.rest` cannot be imported.
-
-  `lfpr_jax.pruning.rest` imports the data pipeline (grain, orbax), which a bare GPU image may
-  lack. The copy is checked against the library wherever both exist.
-  """
-  n = config.mmt_layers
-  copy = ([train.GROUP_PATTERNS[0][1].pattern, r"^classifier_", r"^ocr_ptr_net/"]
-          + [rf"^mmt_layer_{i}/" for i in range(n - layers, n)])
-  try:
-    from lfpr_jax.pruning import rest  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return copy
-  lib = rest.trainable_patterns(config, layers)
-  if lib != copy:
-    common.log("note: rest.trainable_patterns differs from the benchmark's copy; "
-               "using the library's")
-  return lib
-
-
 def rest_settings() -> dict[str, Any]:
   """`rest.RestSettings` defaults (lr, mask_lr, clip_norm, loss_shards, dropout key)."""
-  try:
-    from lfpr_jax.pruning import rest  # pylint: disable=import-outside-toplevel
-    s = rest.RestSettings(percent=73.0, layers=0)
-    return {"lr": s.lr, "mask_lr": s.mask_lr, "clip_norm": s.clip_norm,
-            "loss_shards": s.loss_shards, "fixed_dropout_key": s.fixed_dropout_key}
-  except ImportError:
-    return {"lr": 5e-5, "mask_lr": 1e-3, "clip_norm": 0.25, "loss_shards": 1,
-            "fixed_dropout_key": False}
+  s = rest.RestSettings(percent=73.0, layers=0)
+  return {"lr": s.lr, "mask_lr": s.mask_lr, "clip_norm": s.clip_norm,
+          "loss_shards": s.loss_shards, "fixed_dropout_key": s.fixed_dropout_key}
 
 
 # JAX stages -------------------------------------------------------------------------
@@ -226,22 +203,21 @@ def scoring_stage(name: str, model: TAP, mesh: Any, params: PyTree,
 def rest_stage(name: str, config: TapConfig, params: PyTree, mesh: Any,
                batch: dict[str, np.ndarray], layers: int, seed: int,
                key_impl: Optional[str] = None) -> Stage:
-  """One ReSt optimiser step, set up as `rest.retrain` sets it up."""
+  """One ReSt optimiser step, set up as `loop.train_subset` sets it up."""
   size = len(batch["cmb_text"])
   model = TAP(config)
   s = rest_settings()
-  patterns = trainable_patterns(config, layers)
-  trainable, frozen = train.split_params(params, patterns)
-  tx = train.make_optimizer(trainable, lr=s["lr"], mask_lr=s["mask_lr"],
-                            warmup_steps=0, clip_norm=s["clip_norm"],
-                            group_scales={"text_bert": 1.0, "fc7": 1.0})
-  state = train.init_state(jax.device_get(trainable), tx)
+  patterns = rest.trainable_rules(config, layers)
+  trainable, frozen = optim.split_params(params, patterns)
+  tx = optim.make_optimizer(trainable, patterns, {"base": s["lr"], "mask": s["mask_lr"]},
+                            warmup_steps=0, clip_norm=s["clip_norm"])
+  state = init_state(jax.device_get(trainable), tx)
   state = parallel.replicate(state, mesh)
   frozen = parallel.replicate(frozen, mesh)
-  step_fn = train.make_train_step(model, tx, mesh, loss_shards=s["loss_shards"],
-                                  fixed_dropout_key=s["fixed_dropout_key"])
+  step_fn = make_train_step(model, tx, mesh, loss_shards=s["loss_shards"],
+                            fixed_dropout_key=s["fixed_dropout_key"])
   feed = parallel.global_batch({k: batch[k] for k in STEP_FIELDS}, mesh)
-  # The dropout key as rest.retrain gets it (threefry); key_impl="rbg" tries XLA's
+  # The dropout key as loop.train_subset gets it (threefry); key_impl="rbg" tries XLA's
   # RngBitGenerator for the dropout masks instead (a caller-side change only).
   rng = jax.random.key(seed, impl=key_impl)
   compiled, compile_s, est = _compile(name, step_fn, (state, frozen, feed, rng))
@@ -256,7 +232,7 @@ def rest_stage(name: str, config: TapConfig, params: PyTree, mesh: Any,
     holder["loss"] = float(metrics["loss"])
     return time.perf_counter() - t0
 
-  desc = (f"one ReSt step (train.make_train_step, rest.trainable_patterns(cfg, "
+  desc = (f"one ReSt step (step.make_train_step, rest.trainable_rules(cfg, "
           f"{layers}), Adam 5e-5 / masks 1e-3, clip 0.25, dropout on), pruned "
           f"heads {list(config.mmt_heads)} FFN {list(config.mmt_ffn)}")
   if key_impl:
@@ -264,7 +240,7 @@ def rest_stage(name: str, config: TapConfig, params: PyTree, mesh: Any,
   return Stage(name, "jax", size, desc, call,
                {"compile_s": compile_s, "layers": layers, "num_trainable": num_trainable,
                 "dropout_key_impl": key_impl or str(jax.config.jax_default_prng_impl),
-                "trainable_patterns": patterns, **est})
+                "trainable_rules": [list(r) for r in patterns], **est})
 
 
 # The torch side ---------------------------------------------------------------------

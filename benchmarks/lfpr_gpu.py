@@ -19,7 +19,7 @@ JSON again, and a phase is skipped when the `--budget-s` left is too small):
   rest_c04_k{k}         ReSt on the c = 0.4 TAP (heads (5, 3, 1, 2), FFN (1511, 1494,
                         1483, 1480), learnable masks), batch 16, `--rest-steps` steps
                         (217 = one epoch of the 10 % subset, 3,460 samples), looped as
-                        `rest.retrain` loops (host batch -> device every step, the
+                        `loop.run_steps` loops (host batch -> device every step, the
                         previous step's loss read back while the next one runs); the
                         73 % epoch (25,260 samples, 1,579 steps; upstream 1,586) is
                         extrapolated from the measured steps/s;
@@ -55,7 +55,9 @@ from benchmarks import common, lfpr_cpu  # noqa: E402
 from benchmarks.tap_cpu import xla_estimates  # noqa: E402
 from lfpr_jax.pruning import scoring as importance  # noqa: E402
 from lfpr_jax.training import parallel  # noqa: E402
-from lfpr_jax.training import step as train  # noqa: E402
+from lfpr_jax.pruning import rest  # noqa: E402
+from lfpr_jax.training import optim  # noqa: E402
+from lfpr_jax.training.step import init_state, make_train_step  # noqa: E402
 from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS  # noqa: E402
 from lfpr_jax.models.config import TapConfig  # noqa: E402
 from lfpr_jax.models.params import count_params, init_params  # noqa: E402
@@ -175,18 +177,17 @@ def tstar_pass(model: TAP, mesh: Any, params: Any, pool: dict[str, np.ndarray],
 def rest_epoch(name: str, config: TapConfig, params: Any, mesh: Any,
                pool: dict[str, np.ndarray], layers: int, steps: int, seed: int
                ) -> dict[str, Any]:
-  """`steps` ReSt steps at batch 16, looped like `rest.retrain`."""
+  """`steps` ReSt steps at batch 16, looped like `loop.run_steps`."""
   model = TAP(config)
   s = lfpr_cpu.rest_settings()
-  patterns = lfpr_cpu.trainable_patterns(config, layers)
-  trainable, frozen = train.split_params(params, patterns)
-  tx = train.make_optimizer(trainable, lr=s["lr"], mask_lr=s["mask_lr"],
-                            warmup_steps=0, clip_norm=s["clip_norm"],
-                            group_scales={"text_bert": 1.0, "fc7": 1.0})
-  state = parallel.replicate(train.init_state(jax.device_get(trainable), tx), mesh)
+  patterns = rest.trainable_rules(config, layers)
+  trainable, frozen = optim.split_params(params, patterns)
+  tx = optim.make_optimizer(trainable, patterns, {"base": s["lr"], "mask": s["mask_lr"]},
+                            warmup_steps=0, clip_norm=s["clip_norm"])
+  state = parallel.replicate(init_state(jax.device_get(trainable), tx), mesh)
   frozen = parallel.replicate(frozen, mesh)
-  step_fn = train.make_train_step(model, tx, mesh, loss_shards=s["loss_shards"],
-                                  fixed_dropout_key=s["fixed_dropout_key"])
+  step_fn = make_train_step(model, tx, mesh, loss_shards=s["loss_shards"],
+                            fixed_dropout_key=s["fixed_dropout_key"])
   batches = pool_slices({k: pool[k] for k in STEP_FIELDS}, 16)
   rng = jax.random.key(seed)
   b0 = parallel.global_batch(batches[0], mesh)

@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       strict_budget=True,
       alg_normalize_by_layer=True,
       kwon_tune_samples=256,
-      finetune=ml_collections.ConfigDict(dict(percent=100, lr=1e-4)),
+      # Full fine-tuning: (regex, lr group) rules of the trained parameters (all).
+      finetune=ml_collections.ConfigDict(dict(percent=100, lr=1e-4,
+                                              trainable=((".*", "base"),))),
   ))
   if arg == "tiny":
     config.sweep.update(constraints=(0.4,), kwon_tune_samples=32,

@@ -8,10 +8,9 @@ summary to the workdir. `question_only=True` trains the image-blind ablation.
 
 from __future__ import annotations
 
-
 import json
 import os
-import time
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import jax
@@ -19,36 +18,54 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from lfpr_jax.training import checkpointing
-from lfpr_jax.training import parallel
-from lfpr_jax.training import step as train
-
 from lfpr_jax.data import prepare
-from lfpr_jax.data.pipeline import make_loader
-from lfpr_jax.data.vocab import AnswerVocab
+from lfpr_jax.data.pipeline import make_loader, open_source
 from lfpr_jax.models.batch import STEP_FIELDS
-from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import count_params, init_params
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.training import checkpointing, loop, optim, parallel
+from lfpr_jax.training.evaluate import evaluate
+from lfpr_jax.training.step import init_state, make_predict, make_train_step
 
+
+def question_only_batch(batch: Mapping[str, Any], question_len: int) -> dict[str, Any]:
+  """The ablation that ignores the image: no objects, no OCR, question text only.
+
+  Object/OCR counts become 0 (every object and OCR row is a masked key, no OCR token
+  can be copied), their features, boxes and the OCR/object-name wordpieces are zeroed.
+  """
+  out = dict(batch)
+  text = np.array(batch["cmb_text"])
+  text[:, question_len:] = 0
+  out["cmb_text"] = text
+  for k in ("obj_num", "ocr_num"):
+    out[k] = np.zeros_like(np.asarray(batch[k]))
+  for k in ("image_feature_0", "obj_bbox_coordinates", "image_feature_1",
+            "context_feature_0", "context_feature_1", "ocr_bbox_coordinates"):
+    out[k] = np.zeros_like(np.asarray(batch[k]))
+  return out
 
 
 def _step_batch(batch: dict, question_len: int, ablate: bool, num_answers: int) -> dict:
   if ablate:
-    batch = train.question_only(batch, question_len)
+    batch = question_only_batch(batch, question_len)
     # No OCR token is left to copy: drop the copy targets. Their logits are masked to
     # -1e4, so a positive target there adds ~1e4 to the loss and a constant push on
     # the pointer scores, which then outgrow the mask and win every argmax.
     targets = np.array(batch["targets"])
     targets[..., num_answers:] = 0.0
     batch["targets"] = targets
-  return {k: batch[k] for k in STEP_FIELDS}
+  return batch
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        question_only: bool = False,
                        out_name: Optional[str] = None) -> dict[str, Any]:
   """Trains a TAP from scratch on `config.data` and evaluates it on val.
+
+  Resumable: the run checkpoints into `<workdir>/<out_name>_ckpt` where it stops (and
+  every `config.train.ckpt_every` steps if set); a rerun continues from there, with
+  the time budget `config.train.max_minutes` counting every attempt.
 
   Args:
     config: sections `data`, `model`, `optim`, `train` (see configs/synthetic.py).
@@ -72,67 +89,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_rng, dropout_rng = jax.random.split(rng)
   model = TAP(c)
   params = init_params(c, init_rng)
-  trainable, frozen = train.split_params(params, None)
-  tx = train.make_optimizer(trainable, lr=o.lr, warmup_steps=o.warmup_steps,
+  rules = optim.UPSTREAM_GROUPS
+  trainable, frozen = optim.split_params(params, rules)
+  tx = optim.make_optimizer(trainable, rules, optim.upstream_learning_rates(o.lr),
+                            warmup_steps=o.warmup_steps,
                             warmup_factor=o.warmup_factor,
                             decay_steps=tuple(o.decay_steps),
                             decay_ratio=o.decay_ratio, clip_norm=o.clip_norm)
-  state = parallel.replicate(train.init_state(trainable, tx), mesh)
-  frozen = parallel.replicate(frozen, mesh)
-  step_fn = train.make_train_step(model, tx, mesh)
-  predict = train.make_predict(model, mesh, data.vocab.bos_idx)
+  step_fn = make_train_step(model, tx, mesh)
+  predict = make_predict(model, mesh, data.vocab.bos_idx)
   loader = make_loader(data.built_dir, "train", local_batch, seed=config.seed,
                        num_epochs=None)
+  num_val = len(open_source(data.built_dir, "val"))
+  transform = ((lambda b: question_only_batch(b, c.question_len)) if question_only
+               else None)
 
-  def val_accuracy(limit=None):
+  def val_result(state, limit=None):
+    num = parallel.num_global_batches(num_val, local_batch)
+    if limit is not None:  # the first `limit` examples of every process, in batches
+      num = min(num, -(-limit // local_batch))
     batches = make_loader(data.built_dir, "val", local_batch, shuffle=False,
                           drop_remainder=False)
-    return train.evaluate(predict, train.merge_params(state.params, frozen), batches,
-                          data.vocab, mesh, local_batch=local_batch,
-                          question_len=c.question_len, ablate_image=question_only,
-                          limit=limit)
+    return evaluate(predict, optim.merge_params(state.params, frozen), batches,
+                    data.vocab, mesh, dataset=data.layout.dataset,
+                    local_batch=local_batch, num_batches=num, transform=transform)
+
+  def on_eval(state, step):
+    acc = val_result(state, limit=t.get("eval_limit"))["accuracy"]
+    if is_main:
+      tqdm.tqdm.write(f"step {step}: val accuracy {acc:.4f}")
+    return {"val_accuracy": acc}
+
+  def batches_from(start: int) -> Iterator[dict]:
+    local = (_step_batch(b, c.question_len, question_only, c.num_answers)
+             for b in loader)
+    return parallel.global_batches(local, local_batch=local_batch,
+                                   num_batches=t.num_steps - start, mesh=mesh,
+                                   fields=STEP_FIELDS, progress=False)
 
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, f"{out_name}_metrics.jsonl")
-  start = time.time()
-  budget = t.max_minutes * 60 if t.get("max_minutes") else None
-  history = []
-  pending = None
-  bar = tqdm.tqdm(total=t.num_steps, desc=f"train {out_name}", disable=not is_main)
-  step = 0
-  for step in range(1, t.num_steps + 1):
-    batch = _step_batch(next(loader), c.question_len, question_only, c.num_answers)
-    state, metrics = step_fn(state, frozen, parallel.global_batch(batch, mesh),
-                             dropout_rng)
-    bar.update(1)
-    if pending is not None:  # fetch the previous step's metrics: no per-step sync
-      record = {"step": step - 1, **{k: float(v) for k, v in pending.items()},
-                "elapsed_s": round(time.time() - start, 1)}
-      if (step - 1) % t.log_every == 0:
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if is_main:
-          with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    pending = metrics
-    if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-      acc = val_accuracy(limit=t.get("eval_limit"))["accuracy"]
-      bar.write(f"step {step}: val accuracy {acc:.4f} ({time.time() - start:.0f} s)")
-      if is_main:
-        with open(log_path, "a") as f:
-          f.write(json.dumps({"step": step, "val_accuracy": acc}) + "\n")
-    if budget is not None and time.time() - start > budget:
-      bar.write(f"time budget of {t.max_minutes} min reached at step {step}")
-      break
-  bar.close()
-  train_seconds = time.time() - start
-  result = val_accuracy()
-  params = train.merge_params(jax.device_get(state.params), jax.device_get(frozen))
-  summary = {"model": out_name, "question_only": question_only, "steps": step,
-             "train_seconds": round(train_seconds, 1),
+  state, run = loop.run_steps(
+      step_fn, init_state(trainable, tx), frozen, batches_from, dropout_rng,
+      num_steps=t.num_steps, mesh=mesh,
+      directory=os.path.join(workdir, f"{out_name}_ckpt"), loader=loader,
+      ckpt_every=t.get("ckpt_every", 0), log_every=t.log_every, log_path=log_path,
+      eval_every=t.eval_every, on_eval=on_eval,
+      max_seconds=t.max_minutes * 60 if t.get("max_minutes") else None,
+      desc=f"train {out_name}")
+  result = val_result(state)
+  params = optim.merge_params(jax.device_get(state.params), frozen)
+  summary = {"model": out_name, "question_only": question_only, "steps": run["steps"],
+             "train_seconds": run["seconds"],
              "val_accuracy": result["accuracy"], "val_examples": result["num_examples"],
+             "val_metrics": result["metrics"],
              "num_params": count_params(params), "config": c.to_dict()}
   if is_main:
+    with open(log_path) as f:
+      history = [r for r in map(json.loads, f) if "loss" in r]
     checkpointing.save_model(os.path.join(workdir, out_name), c, params, overwrite=True)
     tmp = os.path.join(workdir, f".{out_name}.json.tmp")
     with open(tmp, "w") as f:

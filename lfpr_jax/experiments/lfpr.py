@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -36,18 +35,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from lfpr_jax.data.prepare import PreparedData, prepare_data
 from lfpr_jax.training import checkpointing
-from lfpr_jax.experiments import base_model as finetune
+from lfpr_jax.experiments.base_model import train_and_evaluate as train_base_model
 from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
-from lfpr_jax.training import step as train
+from lfpr_jax.training import evaluate as evaluation
+from lfpr_jax.training import loop
+from lfpr_jax.training.step import make_predict
 from lfpr_jax.data.pipeline import make_loader, open_source
 from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.decoding import greedy_decode
@@ -137,10 +137,19 @@ def check_workdir(config: ml_collections.ConfigDict, stage_dir: str) -> None:
           "--workdir or remove the old one.")
   elif jax.process_index() == 0:
     os.makedirs(stage_dir, exist_ok=True)
-    rest.write_json(path, current)
+    write_json(path, current)
 
 
 # ------------------------------------------------------------------- small helpers
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as JSON (NaN allowed, e.g. a retention over a zero base accuracy) to
+  `path` through a temporary file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
 
 
 def cached_json(path: str, compute: Callable[[], dict]) -> dict:
@@ -154,43 +163,20 @@ def cached_json(path: str, compute: Callable[[], dict]) -> dict:
   result = {**result, "seconds": round(time.time() - t0, 1)}
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rest.write_json(path, result)
+    write_json(path, result)
   return result
 
 
-def num_global_batches(num_examples: int, local_batch: int) -> int:
-  """Steps for every process to see its whole shard (the same on all processes)."""
-  per_process = math.ceil(num_examples / jax.process_count())
-  return math.ceil(per_process / local_batch)
+num_global_batches = parallel.num_global_batches
 
 
 def stream(loader: Iterator[Mapping], *, local_batch: int, num_batches: int,
            mesh: jax.sharding.Mesh, fields: tuple[str, ...] = MODEL_INPUTS,
            desc: str = "", progress: bool = True) -> Iterator[dict]:
-  """Global batches of `fields` plus `weight` (0 on padding) and `question_id`.
-
-  Local batches are padded to `local_batch`; a process whose shard ends early feeds
-  all-padding batches so that every process makes `num_batches` calls.
-  """
-  last = None
-  bar = tqdm.tqdm(total=num_batches, desc=desc,
-                  disable=not (progress and jax.process_index() == 0))
-  for _ in range(num_batches):
-    batch = next(loader, None)
-    if batch is None:
-      batch, rows = last, 0
-    else:
-      rows = len(batch["question_id"])
-    last = batch
-    local = train.pad_batch({k: batch[k] for k in fields}, local_batch)
-    weight = np.zeros(local_batch, np.float32)
-    weight[:rows] = 1.0
-    qid = np.full(local_batch, -1, np.int32)
-    qid[:rows] = np.asarray(batch["question_id"][:rows], np.int32)
-    local.update(weight=weight, question_id=qid)
-    bar.update(1)
-    yield parallel.global_batch(local, mesh)
-  bar.close()
+  """`parallel.global_batches` of the model inputs by default."""
+  return parallel.global_batches(loader, local_batch=local_batch,
+                                 num_batches=num_batches, mesh=mesh, fields=fields,
+                                 desc=desc, progress=progress)
 
 
 def _replicated_jit(fn, mesh):
@@ -283,16 +269,16 @@ def compute_pseudo_labels(model: TAP, params: PyTree, *, built_dir: str,
 
 def evaluate(model: TAP, params: PyTree, data: PreparedData, mesh, *,
              local_batch: int, progress: bool, desc: str) -> dict:
-  predict = train.make_predict(model, mesh, data.vocab.bos_idx)
+  """The dataset's val metrics (`training.evaluate`); `val_accuracy` is the primary."""
   n = len(open_source(data.built_dir, "val"))
   batches = make_loader(data.built_dir, "val", local_batch, shuffle=False,
                         drop_remainder=False)
-  num = num_global_batches(n, local_batch)
-  batches = tqdm.tqdm(batches, total=num, desc=desc,
-                      disable=not (progress and jax.process_index() == 0))
-  result = train.evaluate(predict, parallel.replicate(params, mesh), batches,
-                          data.vocab, mesh, local_batch=local_batch, num_batches=num)
-  return {"val_accuracy": result["accuracy"], "val_examples": result["num_examples"]}
+  result = evaluation.evaluate(
+      make_predict(model, mesh, data.vocab.bos_idx), parallel.replicate(params, mesh),
+      batches, data.vocab, mesh, dataset=data.layout.dataset, local_batch=local_batch,
+      num_batches=num_global_batches(n, local_batch), desc=desc, progress=progress)
+  return {"val_accuracy": result["accuracy"], "val_examples": result["num_examples"],
+          "val_metrics": result["metrics"]}
 
 
 # ---------------------------------------------------------------------- base model
@@ -313,7 +299,7 @@ def base_model(config: ml_collections.ConfigDict, workdir: str,
         "config.base_model is empty: convert the fine-tuned upstream checkpoint first "
         "(python -m converters.torch_to_flax --checkpoint textvqa_tap_base_best.ckpt "
         "--out DIR) and set config.base_model=DIR.")
-  finetune.train_and_evaluate(config, workdir)
+  train_base_model(config, workdir)
   return path
 
 
@@ -385,7 +371,7 @@ class Context:
         self.times["pseudo_labels"] = round(time.time() - t0, 1)
         if jax.process_index() == 0:
           self._labels.save(path)
-          rest.write_json(path + ".json", {
+          write_json(path + ".json", {
               "seconds": self.times["pseudo_labels"],
               "num_examples": len(self._labels.question_ids)})
     return self._labels
@@ -464,9 +450,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     imp_seconds = round(time.time() - t0, 1)
     if jax.process_index() == 0:
       imp.save(imp_path)
-      rest.write_json(imp_path + ".json", {"seconds": imp_seconds,
-                                           "num_samples": imp.num_samples,
-                                           "t_star": t_star})
+      write_json(imp_path + ".json", {"seconds": imp_seconds,
+                                      "num_samples": imp.num_samples,
+                                      "t_star": t_star})
   head_imp, ffn_imp = imp.scores(per_sample=p.per_sample)
   ctx.times["importance"] = imp_seconds
   labels = ctx.labels()
@@ -518,26 +504,19 @@ def run_target(target: Target, *, config, stage_dir, data, base_config, base_par
       pruned_model, pruned_params, data, mesh, local_batch=eval_local,
       progress=progress, desc=f"eval {target.name} pruned"))
 
-  settings = rest.RestSettings(
-      percent=target.percent, layers=target.layers, lr=r.lr, mask_lr=r.mask_lr,
-      clip_norm=r.clip_norm, batch_size=r.batch_size, loss_shards=r.loss_shards,
-      fixed_dropout_key=r.fixed_dropout_key, seed=r.seed, ckpt_every=r.ckpt_every)
+  settings = rest.RestSettings.from_config(r, percent=target.percent,
+                                          layers=target.layers)
   subset = pseudo_labels.subset_indices(num_train, target.percent, r.subset_seed)
   transform = pseudo_labels.PseudoLabelTargets(
       labels, data.vocab, decode_steps=pruned_config.decode_steps,
       ocr_slots=pruned_config.ocr_max)
-  log_path = os.path.join(d, "rest_metrics.jsonl")
-
-  def log(record):
-    with open(log_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
-  retrained, rest_summary = rest.retrain(
-      model_config=pruned_config, params=pruned_params, built_dir=data.built_dir,
-      split="train", indices=subset, transforms=[transform], settings=settings,
+  retrained, rest_summary = loop.train_subset(
+      model_config=pruned_config, params=pruned_params,
+      rules=rest.trainable_rules(pruned_config, target.layers), settings=settings,
+      built_dir=data.built_dir, split="train", indices=subset, transforms=[transform],
       directory=os.path.join(d, "rest"), mesh=mesh,
       rng=jax.random.fold_in(jax.random.key(config.seed), 1), progress=progress,
-      log=log)
+      log_path=os.path.join(d, "rest_metrics.jsonl"))
   after = cached_json(os.path.join(d, "eval_rest.json"), lambda: evaluate(
       pruned_model, retrained, data, mesh, local_batch=eval_local, progress=progress,
       desc=f"eval {target.name} retrained"))
@@ -579,7 +558,7 @@ def run_target(target: Target, *, config, stage_dir, data, base_config, base_par
                   "eval_retrained": after["seconds"]},
   }
   if is_main:
-    rest.write_json(result_path, row)
+    write_json(result_path, row)
   return row
 
 

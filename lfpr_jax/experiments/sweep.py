@@ -37,6 +37,7 @@ from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
+from lfpr_jax.training import loop
 from lfpr_jax.data.pipeline import make_loader
 from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.params import count_params
@@ -115,7 +116,7 @@ def criterion_scores(name: str, ctx: lfpr.Context, config, sweep_dir: str
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     scores.save(path)
-    rest.write_json(path + ".json", {"seconds": seconds})
+    lfpr.write_json(path + ".json", {"seconds": seconds})
   return scores, seconds
 
 
@@ -142,26 +143,21 @@ def _restore(cell: Cell, ctx: lfpr.Context, config, sel, scores, directory: str
     transforms = [pseudo_labels.PseudoLabelTargets(
         ctx.labels(), ctx.data.vocab, decode_steps=pconfig.decode_steps,
         ocr_slots=pconfig.ocr_max)]
-    settings = rest.RestSettings(percent=percent, layers=layers, lr=r.lr,
-                                 mask_lr=r.mask_lr, clip_norm=r.clip_norm,
-                                 batch_size=r.batch_size, seed=r.seed,
-                                 ckpt_every=r.ckpt_every)
-    trainable_patterns = None
-  else:  # finetune: every parameter, ground-truth labels (LFPR.md §8.1)
+    settings = rest.RestSettings.from_config(r, percent=percent, layers=layers)
+    rules = rest.trainable_rules(pconfig, layers)
+  else:  # finetune: the config's rules (every parameter), ground-truth labels (§8.1)
     f = config.sweep.finetune
     percent, layers, transforms = f.percent, pconfig.mmt_layers, []
-    settings = rest.RestSettings(percent=percent, layers=layers, lr=f.lr,
-                                 mask_lr=f.lr, clip_norm=r.clip_norm,
-                                 batch_size=r.batch_size, seed=r.seed,
-                                 ckpt_every=r.ckpt_every)
-    trainable_patterns = [".*"]
+    settings = rest.RestSettings.from_config(r, percent=percent, layers=layers,
+                                             lr=f.lr, mask_lr=f.lr)
+    rules = [tuple(rule) for rule in f.trainable]
   subset = pseudo_labels.subset_indices(ctx.num_train, percent, r.subset_seed)
-  retrained, summary = rest.retrain(
-      model_config=pconfig, params=params, built_dir=ctx.data.built_dir, split="train",
-      indices=subset, transforms=transforms, settings=settings,
-      directory=os.path.join(directory, "ckpt_run"), mesh=ctx.mesh,
-      rng=jax.random.fold_in(jax.random.key(config.seed), 1), progress=ctx.progress,
-      trainable=trainable_patterns)
+  retrained, summary = loop.train_subset(
+      model_config=pconfig, params=params, rules=rules, settings=settings,
+      built_dir=ctx.data.built_dir, split="train", indices=subset,
+      transforms=transforms, directory=os.path.join(directory, "ckpt_run"),
+      mesh=ctx.mesh, rng=jax.random.fold_in(jax.random.key(config.seed), 1),
+      progress=ctx.progress)
   trainable = (rest.trainable_params(retrained, pconfig, layers)
                if cell.restoration == "rest" else retrained)
   return retrained, pconfig, {"steps": summary["steps"], "percent": percent,
@@ -206,7 +202,7 @@ def run_cell(cell: Cell, ctx: lfpr.Context, config, scores, score_seconds: float
          "full_checkpoint_mb": full_mb, "delta_checkpoint_mb": delta_mb,
          "cfg_head": list(pconfig.mmt_heads), "cfg_ffn": list(pconfig.mmt_ffn), **info}
   if jax.process_index() == 0:
-    rest.write_json(path, row)
+    lfpr.write_json(path, row)
   return row
 
 

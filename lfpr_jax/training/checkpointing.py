@@ -182,7 +182,7 @@ def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:
     ValueError: the base model is not the one the delta was made from (hash mismatch).
   """
   from lfpr_jax.pruning import surgery  # noqa: PLC0415
-  from lfpr_jax.training import step as train  # noqa: PLC0415
+  from lfpr_jax.training.optim import merge_params  # noqa: PLC0415
   with open(os.path.join(path, DELTA_FILE)) as f:
     meta = json.load(f)
   if meta.get("format") != DELTA_FORMAT:
@@ -204,7 +204,7 @@ def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:
                      f"{expected.mmt_ffn}.")
   trained = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(path), PARAMS_DIR))
-  params = train.merge_params(pruned, trained)
+  params = merge_params(pruned, trained)
   check_params(params, config)
   return config, params
 
@@ -221,20 +221,23 @@ def train_manager(directory: str) -> ocp.CheckpointManager:
 
 
 def save_train_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTree,
-                          loader: Any) -> None:
-  """Saves the train state and the Grain iterator position at `step`."""
+                          loader: Any, meta: Mapping[str, Any] | None = None) -> None:
+  """Saves the train state, the Grain iterator position and a JSON `meta` at `step`."""
   import grain
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(jax.device_get(state)),
-      loader=grain.checkpoint.CheckpointSave(loader)))
+      loader=grain.checkpoint.CheckpointSave(loader),
+      meta=ocp.args.JsonSave(dict(meta or {}))))
   manager.wait_until_finished()
 
 
 def restore_train_checkpoint(manager: ocp.CheckpointManager, step: int,
-                             abstract_state: PyTree, loader: Any) -> PyTree:
-  """Restores the train state (returned) and the iterator position (in place)."""
+                             abstract_state: PyTree, loader: Any
+                             ) -> tuple[PyTree, dict[str, Any]]:
+  """Restores `(state, meta)`; the iterator position is restored in place."""
   import grain
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      loader=grain.checkpoint.CheckpointRestore(loader)))
-  return restored["state"]
+      loader=grain.checkpoint.CheckpointRestore(loader),
+      meta=ocp.args.JsonRestore()))
+  return restored["state"], dict(restored["meta"] or {})

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from lfpr_jax.training import checkpointing
-from lfpr_jax.training import step as train
+from lfpr_jax.training import optim
 from tests.conftest import REPO
 
 
@@ -38,8 +38,8 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   dconfig, dparams = checkpointing.load_delta(str(tmp_path / "lfpr" / "sum_0.4" / "delta"),
                                               str(tmp_path / "base_model"))
   assert dconfig == config and config.learnable_masks
-  for k, v in train.flat(params).items():
-    np.testing.assert_array_equal(np.asarray(v), np.asarray(train.flat(dparams)[k]),
+  for k, v in optim.flat(params).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(optim.flat(dparams)[k]),
                                   err_msg=k)
   # A second run reuses every stage and prints the same table.
   again = _main(tmp_path)

@@ -14,14 +14,14 @@ from configs.synthetic import get_config
 from configs import common as schedules
 from lfpr_jax.data import prepare
 from lfpr_jax.training import checkpointing
-from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.experiments import lfpr
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import surgery
-from lfpr_jax.training import step as train
+from lfpr_jax.training import loop
+from lfpr_jax.training import optim
 from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings, make_loader
 from lfpr_jax.models.decoding import greedy_decode_reference
@@ -144,8 +144,10 @@ def test_upstream_iteration_counts():
   table = {3460: 217, 20760: 1298, 25370: 1586, 27670: 1730, 29975: 1874, 34602: 2163,
            2340: 147, 14070: 880, 16410: 1026, 17190: 1075, 18760: 1173, 20310: 1270,
            21095: 1319, 23446: 1466}
+  upstream_iterations = lambda n, gpus=2, per_gpu=8: math.ceil(math.ceil(n / gpus)
+                                                                / per_gpu)
   for n, it in table.items():
-    assert rest.upstream_iterations(n) == it, n
+    assert upstream_iterations(n) == it, n
   assert rest.RestSettings(percent=10, layers=0).num_steps(33) == 3
 
 
@@ -172,7 +174,7 @@ def test_trainable_count_formula():
         layer(h, n) for h, n in list(zip(heads, ffn))[4 - k:])
     assert got == want, k
   with pytest.raises(ValueError, match="trailing"):
-    rest.trainable_patterns(config, 5)
+    rest.trainable_rules(config, 5)
 
 
 def test_targets_and_bad_config():
@@ -259,15 +261,16 @@ def _retrain(tiny, directory, *, devices=None, stop_after=None, steps=None, laye
   transform = pseudo_labels.PseudoLabelTargets(
       tiny["labels"], data.vocab, decode_steps=12,
       ocr_slots=tiny["pruned_config"].ocr_max)
-  return rest.retrain(model_config=tiny["pruned_config"], params=tiny["pruned"],
-                      built_dir=data.built_dir, split="train", indices=indices,
-                      transforms=[transform], settings=settings, directory=directory,
-                      mesh=parallel.make_mesh(devices), rng=jax.random.key(1),
-                      progress=False, stop_after=stop_after)
+  return loop.train_subset(
+      model_config=tiny["pruned_config"], params=tiny["pruned"],
+      rules=rest.trainable_rules(tiny["pruned_config"], layers), settings=settings,
+      built_dir=data.built_dir, split="train", indices=indices, transforms=[transform],
+      directory=directory, mesh=parallel.make_mesh(devices), rng=jax.random.key(1),
+      progress=False, stop_after=stop_after)
 
 
 def _assert_trees(a, b, **kw):
-  fa, fb = train.flat(a), train.flat(b)
+  fa, fb = optim.flat(a), optim.flat(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k, **kw)
@@ -279,8 +282,8 @@ def test_rest_data_parallel_equals_single_device_and_freezes(tiny, tmp_path):
   multi, s4 = _retrain(tiny, str(tmp_path / "four"), steps=3)
   assert s1["steps"] == s4["steps"] == 3
   _assert_trees(multi, single, rtol=2e-5, atol=2e-6)
-  before, after = train.flat(tiny["pruned"]), train.flat(multi)
-  trained = set(train.flat(rest.trainable_params(multi, tiny["pruned_config"], 1)))
+  before, after = optim.flat(tiny["pruned"]), optim.flat(multi)
+  trained = set(optim.flat(rest.trainable_params(multi, tiny["pruned_config"], 1)))
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and changed <= trained       # frozen leaves are bit-identical
   assert any("mask" in k for k in changed)
@@ -297,9 +300,9 @@ def test_rest_resume_equals_uninterrupted(tiny, tmp_path):
 
 
 def test_rest_non_finite_loss_stops(tiny, tmp_path):
-  bad = train.flat(tiny["pruned"])
+  bad = optim.flat(tiny["pruned"])
   bad["classifier_bias"] = np.full_like(np.asarray(bad["classifier_bias"]), np.nan)
-  tiny_bad = {**tiny, "pruned": train.unflat(bad)}
+  tiny_bad = {**tiny, "pruned": optim.unflat(bad)}
   with pytest.raises(FloatingPointError, match="step 1 produced a non-finite loss"):
     _retrain(tiny_bad, str(tmp_path / "nan"), steps=3)
   assert checkpointing.train_manager(str(tmp_path / "nan" / "ckpt")).latest_step() is None

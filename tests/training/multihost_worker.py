@@ -67,7 +67,7 @@ def main(spec_path: str, process_id: int) -> None:
   assert jax.process_count() == spec["num_processes"]
 
   from lfpr_jax.pruning import pseudo_labels, rest  # noqa: PLC0415
-  from lfpr_jax.training import checkpointing, parallel  # noqa: PLC0415
+  from lfpr_jax.training import checkpointing, loop, optim, parallel  # noqa: PLC0415
   from lfpr_jax.data.vocab import AnswerVocab  # noqa: PLC0415
 
   config, params = checkpointing.load_model(spec["model_dir"])
@@ -88,8 +88,10 @@ def main(spec_path: str, process_id: int) -> None:
   summaries = []
   for stop_after in (spec["stop_after"], None):
     print(f"{time.time() - T0:.1f} s: retrain(stop_after={stop_after})", flush=True)
-    params_out, summary = rest.retrain(
-        model_config=config, params=params, built_dir=spec["built_dir"],
+    params_out, summary = loop.train_subset(
+        model_config=config, params=params,
+        rules=rest.trainable_rules(config, settings.layers),
+        built_dir=spec["built_dir"],
         split="train", indices=np.asarray(spec["indices"]), transforms=[transform],
         settings=settings, directory=spec["directory"], mesh=parallel.make_mesh(),
         rng=jax.random.key(spec["rng_seed"]), progress=False, log=log,
@@ -99,9 +101,8 @@ def main(spec_path: str, process_id: int) -> None:
   with open(os.path.join(out, f"writes_{process_id}.json"), "w") as f:
     json.dump(writes, f)
   if process_id == 0:
-    from lfpr_jax.training import step as train  # noqa: PLC0415
     np.savez(os.path.join(out, "params.npz"),
-             **{k: np.asarray(v) for k, v in train.flat(params_out).items()})
+             **{k: np.asarray(v) for k, v in optim.flat(params_out).items()})
     with open(os.path.join(out, "summaries.json"), "w") as f:
       json.dump(summaries, f)
   jax.distributed.shutdown()

@@ -1,7 +1,7 @@
 """Multi-host ReSt: 2 processes on localhost (Gloo CPU collectives) against one process.
 
 The parent prepares the :tiny synthetic dataset, a pruned model directory and
-pseudo-labels as files, computes the single-process reference with `rest.retrain` on a
+pseudo-labels as files, computes the single-process reference with `loop.train_subset` on a
 2-device mesh, then launches `tests/multihost_worker.py` twice (1 CPU device each) as
 processes 0 and 1 of a `jax.distributed` cluster. Each worker reads only its rows of
 every global batch; the pair runs 2 steps, stops, resumes from the shared Orbax
@@ -27,16 +27,16 @@ import pytest
 from configs.synthetic import get_config
 from lfpr_jax.data import prepare
 from lfpr_jax.training import checkpointing
-from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import surgery
-from lfpr_jax.training import step as train
+from lfpr_jax.training import loop
+from lfpr_jax.training import optim
 from lfpr_jax.data import pipeline
 from lfpr_jax.models.params import init_params
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multihost_worker.py"
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
@@ -130,9 +130,10 @@ def test_two_processes_equal_one(tmp_path):
                                                ocr_slots=pruned_config.ocr_max)
   assert jax.process_count() == 1 and jax.device_count() >= NUM_PROCESSES
   ref_log = []
-  reference, ref_summary = rest.retrain(
-      model_config=pruned_config, params=pruned, built_dir=data.built_dir,
-      split="train", indices=indices, transforms=[transform],
+  reference, ref_summary = loop.train_subset(
+      model_config=pruned_config, params=pruned,
+      rules=rest.trainable_rules(pruned_config, settings["layers"]),
+      built_dir=data.built_dir, split="train", indices=indices, transforms=[transform],
       settings=rest.RestSettings(**settings), directory=str(tmp_path / "single"),
       mesh=parallel.make_mesh(jax.devices()[:NUM_PROCESSES]),
       rng=jax.random.key(rng_seed), progress=False, log=ref_log.append)
@@ -154,12 +155,12 @@ def test_two_processes_equal_one(tmp_path):
   # Same parameters as one process with the same global batches.
   with np.load(out / "params.npz") as z:
     multi = {k: z[k] for k in z.files}
-  want = train.flat(reference)
+  want = optim.flat(reference)
   assert multi.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(multi[k], np.asarray(want[k]), rtol=1e-5, atol=1e-6,
                                err_msg=k)
-  before = train.flat(pruned)
+  before = optim.flat(pruned)
   assert any(not np.array_equal(multi[k], before[k]) for k in multi)  # it trained
 
   # Interrupted after 2 steps and resumed from the shared checkpoint.

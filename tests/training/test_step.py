@@ -1,4 +1,4 @@
-"""Optimiser groups, trainable splits and the data-parallel train step."""
+"""The data-parallel train step: loss decreases, frozen params stay, 1 device == 4."""
 
 import dataclasses
 
@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from lfpr_jax.training import parallel
-from lfpr_jax.training import step as train
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.training import optim, parallel
+from lfpr_jax.training.step import init_state, make_predict, make_train_step, sharded_loss
 from tests.helpers import BASE, random_batch
 
 CONFIG = dataclasses.replace(BASE, learnable_masks=True, hidden_dropout=0.0,
@@ -23,56 +23,32 @@ def _setup(batch_size=8):
   return TAP(CONFIG), params, {k: np.asarray(v) for k, v in inputs.items()}
 
 
-def test_groups_and_split():
-  _, params, _ = _setup()
-  groups = {p: train.group_of(p) for p in train.flat(params)}
-  assert groups["text_bert/word/embedding"] == "text_bert"
-  assert groups["obj_fc7/kernel"] == "fc7"
-  assert groups["mmt_layer_0/attention/head_mask"] == "mask"
-  assert groups["mmt_layer_0/ffn/ffn_mask"] == "mask"
-  assert groups["classifier_embedding"] == "default"
-  t, f = train.split_params(params, [r"mask$", r"^classifier", r"^mmt_layer_2/"])
-  assert set(train.flat(t)) == {p for p in train.flat(params)
-                                if p.endswith("mask") or p.startswith(("classifier",
-                                                                        "mmt_layer_2/"))}
-  merged = train.merge_params(t, f)
-  assert jax.tree.structure(merged) == jax.tree.structure(params)
-  with pytest.raises(ValueError, match="no parameter matches"):
-    train.split_params(params, [r"^nothing$"])
-
-
-def test_schedule_matches_pythia():
-  s = train.upstream_schedule(1.0, warmup_steps=10, warmup_factor=0.2,
-                              decay_steps=(20, 30), decay_ratio=0.1)
-  np.testing.assert_allclose([float(s(i)) for i in (0, 5, 10, 11, 20, 29, 30)],
-                             [0.2, 0.6, 1.0, 1.0, 0.1, 0.1, 0.01], rtol=1e-6)
-
-
-def _run(mesh, steps=3, trainable=None):
+def _run(mesh, steps=3, rules=((".*", "base"),)):
   model, params, batch = _setup()
   host = jax.tree.map(np.array, params)  # the step donates (and deletes) its inputs
-  t, f = train.split_params(params, trainable)
-  tx = train.make_optimizer(t, lr=1e-3, warmup_steps=0)
-  state = parallel.replicate(train.init_state(t, tx), mesh)
+  t, f = optim.split_params(params, rules)
+  tx = optim.make_optimizer(t, rules, {"base": 1e-3, "mask": 1e-3}, warmup_steps=0)
+  state = parallel.replicate(init_state(t, tx), mesh)
   f = parallel.replicate(f, mesh)
-  step = train.make_train_step(model, tx, mesh)
+  step = make_train_step(model, tx, mesh)
   losses = []
   rng = jax.random.key(1)
   for _ in range(steps):
     state, m = step(state, f, parallel.global_batch(batch, mesh), rng)
     losses.append(float(m["loss"]))
+  assert int(state.step) == steps
   return state, f, losses, host
 
 
 def test_loss_decreases_and_frozen_params_stay():
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state, frozen, losses, params = _run(mesh, steps=4,
-                                       trainable=[r"mask$", r"^classifier", r"^ocr_ptr"])
+  rules = [(r"mask$", "mask"), (r"^classifier", "base"), (r"^ocr_ptr", "base")]
+  state, frozen, losses, params = _run(mesh, steps=4, rules=rules)
   assert losses[-1] < losses[0]
-  orig = train.flat(params)
-  for p, v in train.flat(frozen).items():
+  orig = optim.flat(params)
+  for p, v in optim.flat(frozen).items():
     np.testing.assert_array_equal(np.asarray(v), np.asarray(orig[p]))
-  moved = train.flat(state.params)
+  moved = optim.flat(state.params)
   assert any(np.abs(np.asarray(moved[p]) - np.asarray(orig[p])).max() > 0 for p in moved)
 
 
@@ -81,9 +57,31 @@ def test_data_parallel_equals_single_device():
   one = _run(parallel.make_mesh(jax.devices()[:1]))
   four = _run(parallel.make_mesh(jax.devices()[:4]))
   np.testing.assert_allclose(one[2], four[2], rtol=1e-5)
-  for p, v in train.flat(one[0].params).items():
-    np.testing.assert_allclose(np.asarray(train.flat(four[0].params)[p]), np.asarray(v),
+  for p, v in optim.flat(one[0].params).items():
+    np.testing.assert_allclose(np.asarray(optim.flat(four[0].params)[p]), np.asarray(v),
                                atol=2e-5, err_msg=p)
+
+
+def test_sharded_loss_averages_per_shard_losses():
+  rng = np.random.default_rng(0)
+  scores = rng.standard_normal((4, 3, 5)).astype(np.float32)
+  targets = (rng.random((4, 3, 5)) > 0.7).astype(np.float32)
+  mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], np.float32)
+  halves = [sharded_loss(scores[i:i + 2], targets[i:i + 2], mask[i:i + 2])
+            for i in (0, 2)]
+  np.testing.assert_allclose(sharded_loss(scores, targets, mask, shards=2),
+                             np.mean(halves), rtol=1e-6)
+  assert not np.isclose(float(sharded_loss(scores, targets, mask)), np.mean(halves))
+  with pytest.raises(ValueError, match="not divisible"):
+    sharded_loss(scores, targets, mask, shards=3)
+
+
+def test_predict_is_replicated_argmax():
+  model, params, batch = _setup(4)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  out = make_predict(model, mesh, bos_index=1)(parallel.replicate(params, mesh),
+                                               parallel.global_batch(batch, mesh))
+  assert out.shape == (4, CONFIG.decode_steps) and out.sharding.is_fully_replicated
 
 
 def test_batch_must_divide_devices():

@@ -1,0 +1,82 @@
+"""Greedy predictions scored with the dataset's metric (TextVQA, ST-VQA acc + ANLS)."""
+
+import jax
+import numpy as np
+import pytest
+
+from lfpr_jax.data.vocab import AnswerVocab
+from lfpr_jax.training import evaluate as evaluation
+from lfpr_jax.training import parallel
+from tests.helpers import TINY, model_batch
+
+VOCAB = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>", "mcdonalds", "yes",
+                                "no"])
+# question id -> (predicted vocabulary word, ground-truth answers)
+CASES = {10: ("mcdonalds", ["mcdonald's"] * 10),   # a near miss
+         11: ("yes", ["yes"] * 10),
+         12: ("no", ["yes"] * 10)}
+
+
+def _batches(qids):
+  """Model inputs of TINY plus question ids, OCR tokens and answers, 2 per batch."""
+  for start in range(0, len(qids), 2):
+    ids = qids[start:start + 2]
+    batch = model_batch(TINY, len(ids))
+    batch["question_id"] = np.asarray(ids)
+    batch["context_tokens"] = np.array([[b"<pad>"] * TINY.ocr_max] * len(ids),
+                                       dtype=object)
+    batch["answers"] = np.array([[a.encode() for a in CASES[q][1]] for q in ids],
+                                dtype=object)
+    yield batch
+
+
+def _predict(params, batch):
+  """The words of CASES, then EOS; padding rows (question id -1) predict EOS."""
+  del params
+  eos = VOCAB.word2idx["</s>"]
+  rows = [[VOCAB.word2idx[CASES[int(q)][0]] if int(q) in CASES else eos, eos, eos, eos]
+          for q in np.asarray(batch["question_id"])]
+  return np.asarray(rows)
+
+
+def _evaluate(dataset, num_batches=2, **kw):
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  return evaluation.evaluate(_predict, None, _batches([10, 11, 12]), VOCAB, mesh,
+                             dataset=dataset, local_batch=2, num_batches=num_batches,
+                             **kw)
+
+
+def test_near_miss_scores_anls_but_not_accuracy():
+  scores = evaluation.score_answers("stvqa", ["mcdonalds"], [["mcdonald's"]])
+  assert scores["stvqa_accuracy"] == [0.0]
+  assert scores["stvqa_anls"][0] == pytest.approx(0.9)
+  assert evaluation.score_answers("textvqa", ["mcdonalds"],
+                                  [["mcdonald's"] * 10]) == {"textvqa_accuracy": [0.0]}
+
+
+def test_stvqa_reports_accuracy_and_anls():
+  out = _evaluate("stvqa", predictions=True)
+  assert set(out["metrics"]) == {"stvqa_accuracy", "stvqa_anls"}
+  assert out["num_examples"] == 3
+  assert out["metrics"]["stvqa_accuracy"] == pytest.approx(1 / 3)
+  assert out["metrics"]["stvqa_anls"] == pytest.approx((0.9 + 1.0 + 0.0) / 3)
+  assert out["accuracy"] == out["metrics"]["stvqa_accuracy"]
+  assert out["predictions"] == [{"question_id": q, "answer": CASES[q][0]}
+                                for q in (10, 11, 12)]
+
+
+@pytest.mark.parametrize("dataset", ["textvqa", "synthetic"])
+def test_textvqa_accuracy_for_textvqa_and_synthetic(dataset):
+  out = _evaluate(dataset)
+  assert out["metrics"] == {"textvqa_accuracy": pytest.approx(1 / 3)}
+  assert out["accuracy"] == pytest.approx(1 / 3) and "predictions" not in out
+
+
+def test_prefix_and_unknown_dataset():
+  out = _evaluate("stvqa", num_batches=1)   # the first global batch only
+  assert out["num_examples"] == 2
+  assert out["metrics"]["stvqa_anls"] == pytest.approx((0.9 + 1.0) / 2)
+  with pytest.raises(ValueError, match="no evaluation metric for dataset 'vqa2'"):
+    _evaluate("vqa2")
+  with pytest.raises(ValueError, match="2 predictions for 1 questions"):
+    evaluation.score_answers("stvqa", ["a", "b"], [["a"]])
