@@ -13,6 +13,7 @@ import pytest
 from configs.synthetic import get_config
 from configs import common as schedules
 from lfpr_jax.data import prepare
+from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
 from lfpr_jax.experiments import base_model as finetune
 from lfpr_jax.pruning import scoring as importance
@@ -311,15 +312,15 @@ def test_delta_rebuilds_the_retrained_model(tiny, tmp_path):
   checkpointing.save_model(base, tiny["data"].model_config, tiny["params"])
   sha = checkpointing.params_sha256(tiny["params"])
   trainable = rest.trainable_params(retrained, tiny["pruned_config"], 1)
-  checkpointing.save_delta(str(tmp_path / "delta"), trainable=trainable,
+  delta.save_delta(str(tmp_path / "delta"), trainable=trainable,
                            pruned_config=tiny["pruned_config"],
                            head_mask=tiny["masks"][0], ffn_mask=tiny["masks"][1],
                            base_sha256=sha)
-  config, params = checkpointing.load_delta(str(tmp_path / "delta"), base)
+  config, params = delta.load_delta(str(tmp_path / "delta"), base)
   assert config == tiny["pruned_config"]
   _assert_trees(params, retrained, rtol=0, atol=0)
   other = str(tmp_path / "other")
   checkpointing.save_model(other, tiny["data"].model_config,
                            init_params(tiny["data"].model_config, jax.random.key(9)))
   with pytest.raises(ValueError, match="not the base model"):
-    checkpointing.load_delta(str(tmp_path / "delta"), other)
+    delta.load_delta(str(tmp_path / "delta"), other)
