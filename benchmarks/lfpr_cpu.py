@@ -18,7 +18,7 @@ What is timed (full-size TAP, float32, random weights, the realistic random batc
   score_t{t}_b{B}       `scoring.make_grads_fn` (per-sample `vmap(grad)` of the max
                         logit at step t through the cached greedy decoder), dropout off,
                         masks at ones, plus the host transfer of the gradients and the
-                        float64 accumulation (`ImportanceAccumulator.add_samples`), i.e.
+                        float64 accumulation (`scoring.Accumulator.add_samples`), i.e.
                         one iteration of `scoring.compute`'s loop;
   score_batched_t0_b8   diagnostic: one `grad` of the batch objective (upstream's
                         per-batch gradient G_b, no per-sample split);
