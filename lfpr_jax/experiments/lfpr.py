@@ -311,9 +311,9 @@ class Context:
             self.model, self.rep_params, self.score_batches(desc="t*"),
             mesh=self.mesh, bos_index=self.data.vocab.bos_idx,
             batch_search=p.tstar_batch_search)
-      tstar = cached_json(os.path.join(self.stage_dir, "tstar.json"), stage)
-      self.times["tstar"] = tstar["seconds"]
-      self._t_star = int(tstar["t_star"])
+      found = cached_json(os.path.join(self.stage_dir, "tstar.json"), stage)
+      self.times["tstar"] = found["seconds"]
+      self._t_star = int(found["t_star"])
     return self._t_star
 
   def score_batches(self, desc: str) -> Iterator[dict]:
