@@ -15,11 +15,11 @@ What is timed (full-size TAP, float32, random weights, the realistic random batc
 `benchmarks.common.random_batch`; batch 16 is generated once and batch 8 is its first
 8 rows, on both sides):
 
-  score_t{t}_b{B}       `importance.make_grads_fn` (per-sample `vmap(grad)` of the max
+  score_t{t}_b{B}       `scoring.make_grads_fn` (per-sample `vmap(grad)` of the max
                         logit at step t through the cached greedy decoder), dropout off,
                         masks at ones, plus the host transfer of the gradients and the
-                        float64 accumulation (`ImportanceAccumulator.add_samples`), i.e.
-                        one iteration of `lfpr.compute_importance`'s loop;
+                        float64 accumulation (`scoring.Accumulator.add_samples`), i.e.
+                        one iteration of `scoring.compute`'s loop;
   score_batched_t0_b8   diagnostic: one `grad` of the batch objective (upstream's
                         per-batch gradient G_b, no per-sample split);
   rest_k{k}_b{B}        one ReSt optimiser step (`step.make_train_step` with
@@ -64,7 +64,8 @@ import optax
 
 from benchmarks import common
 from benchmarks.tap_cpu import xla_estimates
-from lfpr_jax.pruning import scoring as importance
+from lfpr_jax.pruning import criteria
+from lfpr_jax.pruning import scoring
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import rest
 from lfpr_jax.training import optim
@@ -148,47 +149,49 @@ def scoring_stage(name: str, model: TAP, mesh: Any, params: PyTree,
   size = len(batch["cmb_text"])
   feed = {k: batch[k] for k in MODEL_INPUTS}
   weights = np.ones(size, np.float32)
-  hs, fs = importance.mask_shapes(model.config)
+  hs, fs = criteria.mask_shapes(model.config)
   rng = jax.random.key(0)
   if kind == "per_sample":
-    jitted = importance.make_grads_fn(model, mesh, t_star=t_star, bos_index=BOS_INDEX)
-    desc = (f"importance.make_grads_fn at t*={t_star}: per-sample vmap(grad) through "
+    jitted = scoring.make_grads_fn(criteria.Lfpr(t_star=t_star, bos_index=BOS_INDEX),
+                                   model, mesh, group_size=8)
+    desc = (f"scoring.make_grads_fn(lfpr) at t*={t_star}: per-sample vmap(grad) through "
             "the cached greedy decoder, dropout off, + host copy + float64 accumulation")
   elif kind == "batched":
-    def fn(p, x, w, r):
+    def fn(p, b, r):
       del r
       ones_h, ones_f = jnp.ones(hs, jnp.float32), jnp.ones(fs, jnp.float32)
-      return jax.value_and_grad(
-          lambda h, f: importance.max_logit_objective(
-              model, p, x, h, f, w, t_star=t_star, bos_index=BOS_INDEX),
+      x = {k: b[k] for k in MODEL_INPUTS}
+      return jax.grad(
+          lambda h, f: criteria.max_logit_objective(
+              model, p, x, h, f, b["weight"], t_star=t_star, bos_index=BOS_INDEX),
           argnums=(0, 1))(ones_h, ones_f)
     rep, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-    jitted = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    jitted = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=rep)
     desc = (f"diagnostic: one grad of the batch objective at t*={t_star} (upstream's "
             "per-batch gradient, no per-sample split), + host copy")
   elif kind == "faithful":
-    jitted = importance.make_grads_fn(model, mesh, t_star=t_star, bos_index=BOS_INDEX,
-                                      dropout=True, group_size=8)
-    desc = (f"importance.make_grads_fn(dropout=True) at t*={t_star}: faithful "
+    jitted = scoring.make_grads_fn(
+        criteria.Lfpr(t_star=t_star, bos_index=BOS_INDEX, dropout=True), model, mesh,
+        group_size=8)
+    desc = (f"scoring.make_grads_fn(lfpr, dropout=True) at t*={t_star}: faithful "
             "dropout-on group gradients (groups of 8), + host copy")
   else:
     raise ValueError(kind)
-  inputs = parallel.global_batch(feed, mesh)
-  w = parallel.global_batch({"w": weights}, mesh)["w"]
-  args = (params, inputs, w, rng)
+  inputs = parallel.global_batch({**feed, "weight": weights}, mesh)
+  args = (params, inputs, rng)
   compiled, compile_s, est = _compile(name, jitted, args)
-  acc = importance.ImportanceAccumulator(hs, fs, group_size=8)
+  acc = scoring.Accumulator(hs, fs, group_size=8, keep_batches=False)
   qids = np.arange(size)
 
   def call() -> float:
     t0 = time.perf_counter()
     out = compiled(*args)
     if kind == "batched":
-      _, (gh, gf) = out
+      gh, gf = out
       gh, gf = np.asarray(gh)[None], np.asarray(gf)[None]
       acc.add_groups(gh, gf, qids)
     else:
-      _, gh, gf = out
+      gh, gf = out
       gh, gf = np.asarray(gh), np.asarray(gf)
       if kind == "faithful":
         acc.add_groups(gh, gf, qids)

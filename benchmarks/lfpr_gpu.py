@@ -10,9 +10,9 @@ Random weights and random batches shaped as real TextVQA data
 JAX's default matmul precision on the GPU. Phases, in priority order (each writes the
 JSON again, and a phase is skipped when the `--budget-s` left is too small):
 
-  score_b{B}_t{t}       `importance.make_grads_fn` over 3,000 samples (ceil(3000/B)
+  score_b{B}_t{t}       `scoring.make_grads_fn` over 3,000 samples (ceil(3000/B)
                         calls, the last one padded with weight-0 rows), each call as
-                        `lfpr.compute_importance` makes it: host batch -> device, per-
+                        `scoring.compute` makes it: host batch -> device, per-
                         sample grads, grads -> host, float64 accumulation in groups of 8
                         (the faithful per-batch score is the same for any device batch
                         that is a multiple of 8);
@@ -53,7 +53,10 @@ import optax  # noqa: E402
 
 from benchmarks import common, lfpr_cpu  # noqa: E402
 from benchmarks.tap_cpu import xla_estimates  # noqa: E402
-from lfpr_jax.pruning import scoring as importance  # noqa: E402
+from lfpr_jax.pruning import criteria  # noqa: E402
+from lfpr_jax.pruning import scoring  # noqa: E402
+from lfpr_jax.pruning import tstar  # noqa: E402
+from lfpr_jax.models.decoding import greedy_decode  # noqa: E402
 from lfpr_jax.training import parallel  # noqa: E402
 from lfpr_jax.pruning import rest  # noqa: E402
 from lfpr_jax.training import optim  # noqa: E402
@@ -104,34 +107,32 @@ def scoring_pass(name: str, model: TAP, mesh: Any, params: Any,
                  pool: dict[str, np.ndarray], size: int, t_star: int,
                  faithful: bool = False) -> dict[str, Any]:
   """One full 3,000-sample importance pass at device batch `size`."""
-  jitted = importance.make_grads_fn(model, mesh, t_star=t_star,
-                                    bos_index=lfpr_cpu.BOS_INDEX, dropout=faithful,
-                                    group_size=8)
+  crit = criteria.Lfpr(t_star=t_star, bos_index=lfpr_cpu.BOS_INDEX, dropout=faithful)
+  jitted = scoring.make_grads_fn(crit, model, mesh, group_size=8)
   batches = pool_slices({k: pool[k] for k in MODEL_INPUTS}, size)
   rng = jax.random.key(0)
   calls = math.ceil(NUM_SCORING / size)
 
-  def feed(i: int) -> tuple[dict, Any, np.ndarray]:
+  def feed(i: int) -> tuple[dict, np.ndarray]:
     n = min(size, NUM_SCORING - i * size)
     w = np.zeros(size, np.float32)
     w[:n] = 1.0
-    x = parallel.global_batch(batches[i % len(batches)], mesh)
-    return x, parallel.global_batch({"w": w}, mesh)["w"], w
+    return parallel.global_batch({**batches[i % len(batches)], "weight": w}, mesh), w
 
-  x0, w0, _ = feed(0)
+  x0, _ = feed(0)
   t0 = time.perf_counter()
-  compiled = jitted.lower(params, x0, w0, rng).compile()
+  compiled = jitted.lower(params, x0, rng).compile()
   compile_s = time.perf_counter() - t0
   est = xla_estimates(compiled)
-  jax.block_until_ready(compiled(params, x0, w0, rng))  # warm-up
-  hs, fs = importance.mask_shapes(model.config)
-  acc = importance.ImportanceAccumulator(hs, fs, group_size=8)
+  jax.block_until_ready(compiled(params, x0, rng))  # warm-up
+  hs, fs = criteria.mask_shapes(model.config)
+  acc = scoring.Accumulator(hs, fs, group_size=8, keep_batches=False)
   device_s = []
   t0 = time.perf_counter()
   for i in range(calls):
-    x, w, w_host = feed(i)
+    x, w_host = feed(i)
     c0 = time.perf_counter()
-    _, gh, gf = compiled(params, x, w, rng)
+    gh, gf = compiled(params, x, rng)
     gh, gf = np.asarray(gh), np.asarray(gf)
     device_s.append(time.perf_counter() - c0)
     keep = w_host > 0
@@ -142,7 +143,7 @@ def scoring_pass(name: str, model: TAP, mesh: Any, params: Any,
     else:
       acc.add_samples(gh[keep], gf[keep], qids)
   total = time.perf_counter() - t0
-  imp = acc.result(t_star)
+  imp = acc.result(crit)
   return {"status": "ok", "device_batch": size, "t_star": t_star, "faithful": faithful,
           "calls": calls, "samples": NUM_SCORING, "compile_s": compile_s,
           "total_s": total, "samples_per_s": NUM_SCORING / total,
@@ -156,7 +157,13 @@ def scoring_pass(name: str, model: TAP, mesh: Any, params: Any,
 def tstar_pass(model: TAP, mesh: Any, params: Any, pool: dict[str, np.ndarray],
                size: int) -> dict[str, Any]:
   """Eval-mode greedy decoding of 3,000 samples (the t* determination)."""
-  fn = importance.make_max_steps_fn(model, mesh, bos_index=lfpr_cpu.BOS_INDEX)
+  def max_steps(params, batch):   # the jitted step of `tstar.compute_tstar`
+    scores, _ = greedy_decode(model, {"params": params}, batch,
+                              bos_index=lfpr_cpu.BOS_INDEX)
+    return tstar.first_max_steps(scores)
+  fn = jax.jit(max_steps, in_shardings=(parallel.replicated(mesh),
+                                        parallel.data_sharded(mesh)),
+               out_shardings=parallel.replicated(mesh))
   batches = pool_slices({k: pool[k] for k in MODEL_INPUTS}, size)
   calls = math.ceil(NUM_SCORING / size)
   x0 = parallel.global_batch(batches[0], mesh)

@@ -77,3 +77,16 @@ def random_params(config, seed: int, scale: float = 0.1) -> dict:
       return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
     return (scale * rng.standard_normal(x.shape)).astype(np.float32)
   return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+
+
+def labelled_batch(batch_size: int, seed: int) -> dict:
+  """TINY model inputs with ground-truth teacher forcing, sparse targets, has_answers."""
+  raw = random_batch(TINY, batch_size, seed)
+  rng = np.random.default_rng(seed)
+  raw["targets"] = (rng.random(raw["targets"].shape) < 0.05).astype(np.float32)
+  raw["train_loss_mask"] = (np.arange(TINY.decode_steps)[None]
+                            < rng.integers(1, TINY.decode_steps + 1, (batch_size, 1))
+                            ).astype(np.float32)
+  out = {k: np.asarray(v) for k, v in model_inputs(raw, TINY, with_targets=True).items()}
+  out["has_answers"] = np.ones(batch_size, bool)
+  return out

@@ -39,7 +39,10 @@ import numpy as np
 from lfpr_jax.data.prepare import PreparedData, prepare_data
 from lfpr_jax.training import checkpointing
 from lfpr_jax.experiments.base_model import train_and_evaluate as train_base_model
-from lfpr_jax.pruning import scoring as importance
+from lfpr_jax.pruning import criteria
+from lfpr_jax.pruning import delta
+from lfpr_jax.pruning import scoring
+from lfpr_jax.pruning import tstar
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
@@ -194,60 +197,6 @@ def sample_set(num_train: int, num_samples: int, seed: int) -> np.ndarray:
 # -------------------------------------------------------------------------- stages
 
 
-def compute_tstar(model: TAP, params: PyTree, *, built_dir: str, indices: np.ndarray,
-                  local_batch: int, mesh, bos_index: int, batch_search: bool,
-                  progress: bool) -> dict:
-  def fn(params, batch):
-    scores, _ = greedy_decode(model, {"params": params}, batch, bos_index=bos_index)
-    return (importance.first_max_steps(scores, batch_search=batch_search),
-            batch["weight"], batch["question_id"])
-  step_fn = _replicated_jit(fn, mesh)
-  loader = make_loader(built_dir, "train", local_batch, shuffle=False,
-                       drop_remainder=False, indices=indices)
-  steps, qids = [], []
-  for batch in stream(loader, local_batch=local_batch, mesh=mesh, desc="t*",
-                      num_batches=num_global_batches(len(indices), local_batch),
-                      progress=progress):
-    s, w, q = (np.asarray(x) for x in step_fn(params, batch))
-    steps.extend(s[w > 0].tolist())
-    qids.extend(q[w > 0].tolist())
-  t_star = importance.t_star_of(np.asarray(steps), model.config.decode_steps)
-  return {"t_star": t_star, "max_time_steps": steps, "question_ids": qids,
-          "histogram": np.bincount(steps, minlength=model.config.decode_steps).tolist()}
-
-
-def compute_importance(model: TAP, params: PyTree, *, built_dir: str,
-                       indices: np.ndarray, local_batch: int, mesh, bos_index: int,
-                       t_star: int, dropout: bool, group_size: int, seed: int,
-                       progress: bool) -> importance.Importance:
-  if (local_batch * jax.process_count()) % group_size:
-    raise ValueError(f"the scoring batch {local_batch * jax.process_count()} must be a "
-                     f"multiple of the faithful batch size {group_size}.")
-  grads_fn = importance.make_grads_fn(model, mesh, t_star=t_star, bos_index=bos_index,
-                                      dropout=dropout, group_size=group_size)
-  passthrough = _replicated_jit(lambda p, b: (b["weight"], b["question_id"]), mesh)
-  hs, fs = importance.mask_shapes(model.config)
-  acc = importance.ImportanceAccumulator(hs, fs, group_size=group_size)
-  rng = jax.random.key(seed)
-  loader = make_loader(built_dir, "train", local_batch, shuffle=False,
-                       drop_remainder=False, indices=indices)
-  for batch in stream(loader, local_batch=local_batch, mesh=mesh, desc="importance",
-                      num_batches=num_global_batches(len(indices), local_batch),
-                      progress=progress):
-    weights = batch["weight"]
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
-    _, gh, gf = grads_fn(params, inputs, weights, rng)
-    w, q = (np.asarray(x) for x in passthrough(params, batch))
-    gh, gf = np.asarray(gh), np.asarray(gf)
-    if dropout:
-      groups = w.reshape(-1, group_size).sum(1) > 0
-      acc.add_groups(gh[groups], gf[groups], q[w > 0])
-    else:
-      keep = w > 0
-      acc.add_samples(gh[keep], gf[keep], q[keep])
-  return acc.result(t_star)
-
-
 def compute_pseudo_labels(model: TAP, params: PyTree, *, built_dir: str,
                           num_train: int, local_batch: int, mesh, bos_index: int,
                           progress: bool) -> pseudo_labels.PseudoLabels:
@@ -344,14 +293,22 @@ class Context:
       def stage():
         if p.get("t_star", -1) >= 0:
           return {"t_star": int(p.t_star), "given": True}
-        return compute_tstar(self.model, self.rep_params, built_dir=self.data.built_dir,
-                             indices=self.samples, local_batch=self.score_local,
-                             mesh=self.mesh, bos_index=self.data.vocab.bos_idx,
-                             batch_search=p.tstar_batch_search, progress=self.progress)
-      tstar = cached_json(os.path.join(self.stage_dir, "tstar.json"), stage)
-      self.times["tstar"] = tstar["seconds"]
-      self._t_star = int(tstar["t_star"])
+        return tstar.compute_tstar(
+            self.model, self.rep_params, self.score_batches(desc="t*"),
+            mesh=self.mesh, bos_index=self.data.vocab.bos_idx,
+            batch_search=p.tstar_batch_search)
+      found = cached_json(os.path.join(self.stage_dir, "tstar.json"), stage)
+      self.times["tstar"] = found["seconds"]
+      self._t_star = int(found["t_star"])
     return self._t_star
+
+  def score_batches(self, desc: str) -> Iterator[dict]:
+    """Global batches of the scoring sample set (model inputs, weight, question_id)."""
+    loader = make_loader(self.data.built_dir, "train", self.score_local, shuffle=False,
+                         drop_remainder=False, indices=self.samples)
+    return stream(loader, local_batch=self.score_local, mesh=self.mesh, desc=desc,
+                  num_batches=num_global_batches(len(self.samples), self.score_local),
+                  progress=self.progress)
 
   def labels(self) -> pseudo_labels.PseudoLabels:
     """The pseudo-label stage (cached in `lfpr/pseudo_labels.npz`)."""
@@ -398,8 +355,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Context:
   base_config, base_params = checkpointing.load_model(base_dir)
   check_compatible(base_config, data.model_config)
   if p.get("t_star", -1) >= 0:
-    importance.check_t_star(p.t_star, base_config.decode_steps)
-  importance.mask_shapes(base_config)
+    tstar.check_t_star(p.t_star, base_config.decode_steps)
+  criteria.mask_shapes(base_config)
   mesh = parallel.make_mesh()
   for what, size in (("prune.batch_size", p.batch_size), ("eval.batch_size",
                                                           config.eval.batch_size),
@@ -437,16 +394,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   imp_path = os.path.join(ctx.stage_dir, "importance.npz")
   if os.path.exists(imp_path):
     logging.info("reusing %s", imp_path)
-    imp = importance.Importance.load(imp_path)
+    imp = scoring.Scores.load(imp_path)
     with open(imp_path + ".json") as f:
       imp_seconds = json.load(f)["seconds"]
   else:
     t0 = time.time()
-    imp = compute_importance(ctx.model, ctx.rep_params, built_dir=ctx.data.built_dir,
-                             indices=ctx.samples, local_batch=ctx.score_local,
-                             mesh=ctx.mesh, bos_index=ctx.data.vocab.bos_idx,
-                             t_star=t_star, dropout=p.dropout, group_size=p.group_size,
-                             seed=config.seed, progress=ctx.progress)
+    imp = scoring.compute("lfpr", ctx.model, ctx.rep_params,
+                          ctx.score_batches(desc="importance"), mesh=ctx.mesh,
+                          group_size=p.group_size, seed=config.seed,
+                          keep_batch_grads=False, t_star=t_star,
+                          bos_index=ctx.data.vocab.bos_idx, dropout=p.dropout)
     imp_seconds = round(time.time() - t0, 1)
     if jax.process_index() == 0:
       imp.save(imp_path)
@@ -526,7 +483,7 @@ def run_target(target: Target, *, config, stage_dir, data, base_config, base_par
   if is_main:
     checkpointing.save_model(model_dir, pruned_config, retrained, overwrite=True,
                              extra={"target": target.name, "base_sha256": base_sha})
-    checkpointing.save_delta(delta_dir, trainable=trainable, pruned_config=pruned_config,
+    delta.save_delta(delta_dir, trainable=trainable, pruned_config=pruned_config,
                              head_mask=sel.head_mask, ffn_mask=sel.ffn_mask,
                              base_sha256=base_sha, overwrite=True,
                              extra={"target": target.name, "layers": target.layers})

@@ -35,6 +35,7 @@ from lfpr_jax.pruning import kwon
 from lfpr_jax.experiments import lfpr
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
+from lfpr_jax.pruning import scoring
 from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
 from lfpr_jax.training import loop
@@ -95,23 +96,25 @@ def _label_batches(ctx: lfpr.Context, indices: np.ndarray) -> list[dict]:
 
 
 def criterion_scores(name: str, ctx: lfpr.Context, config, sweep_dir: str
-                     ) -> tuple[criteria.CriterionScores, float]:
+                     ) -> tuple[scoring.Scores, float]:
   """Scores of one criterion on the sample set (cached); returns (scores, seconds)."""
   path = os.path.join(sweep_dir, "scores", f"{name}.npz")
   if os.path.exists(path):
     logging.info("reusing %s", path)
     with open(path + ".json") as f:
-      return criteria.CriterionScores.load(path), json.load(f)["seconds"]
+      return scoring.Scores.load(path), json.load(f)["seconds"]
   t0 = time.time()
   p = config.prune
-  kwargs: dict[str, Any] = dict(group_size=p.group_size, mesh=ctx.mesh)
+  options: dict[str, Any] = {}
   if name == "lfpr":
-    kwargs.update(t_star=ctx.t_star(), bos_index=ctx.data.vocab.bos_idx,
-                  dropout=p.dropout, seed=config.seed)
+    options.update(t_star=ctx.t_star(), bos_index=ctx.data.vocab.bos_idx,
+                   dropout=p.dropout)
   if name == "alg":
-    kwargs.update(normalize_by_layer=config.sweep.alg_normalize_by_layer)
-  batches = None if name == "l1" else _label_batches(ctx, ctx.samples)
-  scores = criteria.compute_scores(name, ctx.model, ctx.rep_params, batches, **kwargs)
+    options.update(normalize_by_layer=config.sweep.alg_normalize_by_layer)
+  crit = criteria.get_criterion(name, **options)
+  batches = _label_batches(ctx, ctx.samples) if crit.needs_data else None
+  scores = scoring.compute(crit, ctx.model, ctx.rep_params, batches, mesh=ctx.mesh,
+                           group_size=p.group_size, seed=config.seed)
   seconds = round(time.time() - t0, 1)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -178,6 +178,14 @@ class SelfAttention(nn.Module):
     """
     if self.num_heads == 0:
       return jnp.broadcast_to(self.out_bias(), x.shape)
+    return self.out(self.context(x, segments, head_mask=head_mask, train=train))
+
+  def context(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
+              head_mask: Optional[Array] = None, train: bool = False) -> Array:
+    """The per-head attention context `[B, h, Q, 64]` (masked), before `out`.
+
+    Arguments as `__call__`; the model needs at least one head.
+    """
     q = self.query(x)
     # Head-major activations [B, h, S, 64]: every product below is a plain batched
     # matmul over (B, h), with no transposes in the forward or backward pass.
@@ -198,7 +206,7 @@ class SelfAttention(nn.Module):
     for (_, v, _), n in zip(segments, sizes):
       ctx = ctx + jnp.einsum("bhqk,bhkd->bhqd", probs[..., start:start + n], v)
       start += n
-    return self.out(ctx)
+    return ctx
 
 
 class FeedForward(nn.Module):
@@ -219,12 +227,16 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array, *, ffn_mask: Optional[Array] = None) -> Array:
     if self.ffn_dim == 0:
       return jnp.broadcast_to(self.wo_bias(), x.shape)
+    return self.wo(self.hidden(x, ffn_mask=ffn_mask))
+
+  def hidden(self, x: Array, *, ffn_mask: Optional[Array] = None) -> Array:
+    """The masked GELU activations `[B, S, f]` (the input of `wo`; needs f > 0)."""
     u = gelu(self.wi(x))
     if self.learnable_mask:
       u = u * self.ffn_mask
     if ffn_mask is not None:
       u = u * ffn_mask
-    return self.wo(u)
+    return u
 
 
 class BertLayer(nn.Module):
@@ -267,6 +279,28 @@ class BertLayer(nn.Module):
     segments = [] if kv is None else [(kv[0], kv[1], mask)]
     return self.attend(x, segments, head_mask=head_mask, ffn_mask=ffn_mask,
                        train=train)
+
+  def parts(self, x: Array, mask: Array, *, head_mask: Optional[Array] = None,
+            ffn_mask: Optional[Array] = None) -> dict[str, Array]:
+    """The eval-mode layer over x `[B, S, d]`, with its intermediate parts.
+
+    For Kwon's mask tuning (`lfpr_jax.pruning.kwon`); needs heads and FFN neurons.
+
+    Returns:
+      `context` `[B, h, S, 64]` (masked per-head attention context, the input of the
+      output projection), `attn_sum` (output projection + x, before the attention
+      LayerNorm), `y` (after it), `act` `[B, S, f]` (masked GELU activations),
+      `ffn_sum` (FFN output + y, before the FFN LayerNorm) and `out` (the layer
+      output), each `[B, S, d]` unless given.
+    """
+    kv = self.project_kv(x)
+    ctx = self.attention.context(x, [(kv[0], kv[1], mask)], head_mask=head_mask)
+    attn_sum = self.attention.out(ctx) + x
+    y = self.attn_ln(attn_sum)
+    act = self.ffn.hidden(y, ffn_mask=ffn_mask)
+    ffn_sum = self.ffn.wo(act) + y
+    return dict(context=ctx, attn_sum=attn_sum, y=y, act=act, ffn_sum=ffn_sum,
+                out=self.ffn_ln(ffn_sum))
 
 
 class TextBert(nn.Module):
@@ -457,6 +491,20 @@ class TAP(nn.Module):
     """
     c = self.config
     head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
+    x, mask, enc = self.mmt_inputs(batch, train=train)
+    out, _ = self._mmt(x, mask, head_masks, ffn_masks, train)
+    return self._scores(out[:, c.ocr_max:], self.ocr_ptr_net.keys(out[:, :c.ocr_max]),
+                        enc["ocr_valid"])
+
+  def mmt_inputs(self, batch: dict[str, Array], *, train: bool = False
+                 ) -> tuple[Array, Array, dict[str, Array]]:
+    """The teacher-forced MMT input sequence (decoder rows from `train_prev_inds`).
+
+    Returns:
+      `x` `[B, S, d]` (text, object, OCR and decoder rows), its additive prefix-LM
+      mask `[B, 1, S, S]` and the encoder outputs of `_inputs` (`enc_valid` `[B, 370]`
+      marks the non-padded encoder rows, `ocr_valid` `[B, 100]` the OCR slots).
+    """
     enc = self._inputs(batch, train)
     prev = batch["train_prev_inds"]
     steps = prev.shape[1]
@@ -466,10 +514,7 @@ class TAP(nn.Module):
                                     train=train)
     self.sow("intermediates", "dec_emb", dec)
     x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"], dec], axis=1)
-    mask = prefix_lm_mask(enc["enc_valid"], steps)
-    out, _ = self._mmt(x, mask, head_masks, ffn_masks, train)
-    return self._scores(out[:, c.ocr_max:], self.ocr_ptr_net.keys(out[:, :c.ocr_max]),
-                        enc["ocr_valid"])
+    return x, prefix_lm_mask(enc["enc_valid"], steps), enc
 
   def _mmt(self, x: Array, mask: Array, head_masks: list, ffn_masks: list,
            train: bool) -> tuple[Array, list]:

@@ -1,4 +1,4 @@
-r"""Importance criteria of MMT heads and FFN neurons behind one interface (LFPR.md §8).
+r"""Importance criteria of MMT heads and FFN neurons, one small object each (LFPR.md §8).
 
 Every criterion scores the same units, the head masks ξ `[L, H]` and neuron masks ν
 `[L, F]` of the unpruned model, so its scores feed the same selection
@@ -6,50 +6,55 @@ Every criterion scores the same units, the head masks ξ `[L, H]` and neuron mas
 
 | name     | labels | data | score of unit u |
 | -------- | ------ | ---- | --------------- |
-| `lfpr`   | no     | yes  | Σ_b (∂ Σ_i max_c s_i[t\*, c] / ∂m_u)²: LFPR's label-free score (`importance.py`) |
+| `lfpr`   | no     | yes  | Σ_b (∂ Σ_i max_c s_i[t\*, c] / ∂m_u)²: LFPR's label-free score (§2-3) |
 | `l1`     | no     | no   | weight L1 norms (§8.2 (a)) |
 | `alg`    | yes    | yes  | Σ_b abs(∂L_b/∂m_u), heads divided by their layer's L2 norm (Michel et al., §8.3) |
 | `fisher` | yes    | yes  | Σ_b (∂L_b/∂m_u)² (Kwon et al., §8.4) |
 | `owo`    | ?      | ?    | undefined (§8.5): raises `UndefinedCriterionError` |
 
-The labelled criteria use the M4C decoding BCE with the ground-truth `targets`, eval
-mode (no dropout) and teacher forcing on the ground-truth `train_prev_inds`; L_b is the
-loss of one batch of `group_size` samples, normalised by its supervised steps (the
-upstream loss; §8.1). `check_labels` refuses data without answers before any gradient
-is computed.
+A criterion object says what it reads (`fields`), gives a pure gradient function
+(`grads_fn`, or `weights_only` scores for `l1`), how batch gradients G_b are reduced
+(`reduction`: "square" Σ_b G_b², "abs" Σ_b |G_b|) and a `postprocess` of the reduced
+scores, as a jaxpruner pruner class gives `calculate_scores`. The one streaming loop
+that runs them is `lfpr_jax.pruning.scoring.compute`.
 
-Per-batch gradients are kept (`CriterionScores.head_grads` `[num_batches, L, H]`,
-`ffn_grads` `[num_batches, L, F]`): Kwon's mask rearrangement (`lfpr_jax.pruning.kwon`) works on
-them, for any gradient criterion (LFPR's label-free batches included).
+* **LFPR** (§3.1-3.3): the sum over samples of the max logit at step t\*, with the
+  masks as differentiable inputs at ones; its t\* greedy prefix runs in the cached
+  decoder (the argmaxes carry no gradient, exactly as upstream's earlier passes), so
+  the gradient is that of upstream's last pass. Per-sample gradients
+  (`jax.vmap(jax.grad(...))`) are grouped into faithful batches by the loop; with the
+  faithful dropout switch the samples interact, so group gradients are taken directly
+  (one `grad` per group, the same dropout key for every group, as upstream re-seeds
+  every forward call).
+* **Labelled criteria** (§8.1): the M4C decoding BCE with the ground-truth `targets`,
+  eval mode and teacher forcing on the ground-truth `train_prev_inds`; L_b is the loss
+  of one batch of `group_size` samples, normalised by its supervised steps (the
+  upstream loss). `check_labels` refuses data without answers before any gradient is
+  computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfpr_jax import atomic
-from lfpr_jax.pruning import scoring as importance
-from lfpr_jax.training import parallel
 from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS
-from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.pruning import tstar
 
 PyTree = Any
 Array = jax.Array
+# `fn(params, batch, rng) -> (head_grads [N, L, H], ffn_grads [N, L, F])`.
+GradsFn = Callable[[PyTree, Mapping[str, Array], Array], tuple[Array, Array]]
 
-CRITERIA = ("lfpr", "l1", "alg", "fisher", "owo")
-
-# Model inputs of the label-free score (greedy decoding reads no decoder inputs).
-# What a labelled criterion reads: teacher-forcing inputs and the loss targets.
 QKV = ("query", "key", "value")
 
 
@@ -57,129 +62,82 @@ class UndefinedCriterionError(NotImplementedError, ValueError):
   """A criterion that has a named slot but no known definition (OWO)."""
 
 
-# ------------------------------------------------------------------------ registry
+# ----------------------------------------------------------------- mask gradients
 
 
-@dataclasses.dataclass(frozen=True)
-class Criterion:
-  """One importance criterion.
-
-  Attributes:
-    name: registry name.
-    needs_labels: scores from a loss on ground-truth answers (refuses unlabelled data).
-    needs_data: scores from data (False: from the weights alone).
-    reduction: how per-batch mask gradients G_b are accumulated: "square" (Σ_b G_b²),
-      "abs" (Σ_b |G_b|) or None (not gradient based).
-    description: one line for reports.
-    defined: False for a named slot without a definition (calling it raises).
-  """
-
-  name: str
-  needs_labels: bool
-  needs_data: bool
-  reduction: Optional[str]
-  description: str
-  defined: bool = True
-
-  def require_defined(self) -> None:
-    """Raises `UndefinedCriterionError` for a criterion without a definition."""
-    if not self.defined:
-      raise UndefinedCriterionError(
-          f"importance criterion {self.name!r} is not defined: the paper's table names "
-          "OWO, but the acronym is not expanded anywhere reachable (README, code "
-          "history, abstract; LFPR.md §8.5), so no formula is implemented. Use one of "
-          f"{', '.join(n for n in CRITERIA if _REGISTRY[n].defined)}, and report OWO's "
-          "table values as external numbers.")
-
-
-_REGISTRY = {
-    "lfpr": Criterion("lfpr", needs_labels=False, needs_data=True, reduction="square",
-                      description="LFPR label-free score: squared per-batch gradient "
-                      "of the summed max logit at step t*"),
-    "l1": Criterion("l1", needs_labels=False, needs_data=False, reduction=None,
-                    description="weight magnitudes: L1 norms of a head's Q/K/V rows "
-                    "and output columns, of a neuron's W1 row and W2 column"),
-    "alg": Criterion("alg", needs_labels=True, needs_data=True, reduction="abs",
-                     description="absolute loss gradient (Michel et al. 2019): "
-                     "sum of |dL_b/dm| over batches, heads normalised per layer"),
-    "fisher": Criterion("fisher", needs_labels=True, needs_data=True,
-                        reduction="square", description="empirical Fisher (Kwon et al. "
-                        "2022): sum of (dL_b/dm)^2 over batches"),
-    "owo": Criterion("owo", needs_labels=False, needs_data=True, reduction=None,
-                     description="OWO: undefined (LFPR.md §8.5)", defined=False),
-}
-assert tuple(_REGISTRY) == CRITERIA
-
-
-def get_criterion(name: Union[str, Criterion]) -> Criterion:
-  """The registered criterion `name`.
-
-  Raises:
-    ValueError: an unknown name (the message lists the valid ones). A known but
-      undefined criterion (`owo`) is returned; using it raises.
-  """
-  if isinstance(name, Criterion):
-    return name
-  if not isinstance(name, str) or name not in _REGISTRY:
-    raise ValueError(f"unknown importance criterion {name!r}; valid criteria: "
-                     f"{', '.join(CRITERIA)}.")
-  return _REGISTRY[name]
-
-
-# --------------------------------------------------------------------- label check
-
-
-def _host(x: Any) -> np.ndarray:
-  """A host copy of x (this process's rows of a globally sharded array)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-  return np.asarray(x)
-
-
-def check_labels(criterion: Union[str, Criterion], has_answers: Any, *,
-                 weight: Any = None, what: str = "the data") -> None:
-  """Refuses labelled criteria on data without ground-truth answers.
-
-  Call it before any work: with the dataset's flag (a bool), the first example or
-  batch (a mapping with `has_answers`, and `weight` = 0 on padding rows), or an array
-  of `has_answers` flags. `compute_scores` checks every batch before its gradients.
-
-  Args:
-    criterion: name or Criterion; label-free criteria always pass.
-    has_answers: bool, array of flags, or a mapping holding `has_answers`.
-    weight: optional per-row weights; rows with weight 0 (padding) are not checked.
-    what: how to name the data in the error.
-
-  Raises:
-    ValueError: the criterion needs labels and some (real) example has none, or a
-      mapping has no `has_answers` field.
-  """
-  crit = get_criterion(criterion)
-  if not crit.needs_labels:
-    return
-  if isinstance(has_answers, Mapping):
-    if "has_answers" not in has_answers:
-      raise ValueError(
-          f"criterion {crit.name!r} needs ground-truth answers, but {what} has no "
-          "'has_answers' field to tell labelled examples (batches of the data "
-          "pipeline carry it).")
-    if weight is None:
-      weight = has_answers.get("weight")
-    has_answers = has_answers["has_answers"]
-  flags = _host(has_answers).astype(bool).reshape(-1)
-  if weight is not None:
-    flags = flags[_host(weight).reshape(-1) > 0]
-  missing = int(np.sum(~flags))
-  if missing:
+def mask_shapes(config: TapConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+  """`([L, H], [L, F])` of the scoring masks (every layer must have the same width)."""
+  if len(set(config.mmt_heads)) != 1 or len(set(config.mmt_ffn)) != 1:
     raise ValueError(
-        f"criterion {crit.name!r} needs ground-truth answers (a labelled loss), but "
-        f"{missing} of {flags.size} examples of {what} have none (has_answers is "
-        "False, e.g. a test split); use a split with answers or a label-free criterion "
-        f"({', '.join(n for n in CRITERIA if not _REGISTRY[n].needs_labels and _REGISTRY[n].defined)}).")
+        "importance scoring needs an unpruned model (the same heads and FFN width in "
+        f"every MMT layer), got heads {config.mmt_heads} and FFN {config.mmt_ffn}.")
+  return ((config.mmt_layers, config.mmt_heads[0]),
+          (config.mmt_layers, config.mmt_ffn[0]))
 
 
-# --------------------------------------------------------------------------- l1
+def max_logit_objective(model: TAP, params: PyTree, inputs: Mapping[str, Array],
+                        head_mask: Array, ffn_mask: Array, weights: Array, *,
+                        t_star: int, bos_index: int, train: bool = False,
+                        rng: Array | None = None) -> Array:
+  r"""sum_i w_i max_c scores_i[t\*, c] of greedy decoding with the given masks.
+
+  `weights` (1 for real samples, 0 for padding) keeps padded rows of a partial last
+  batch out of the objective.
+  """
+  scores, _ = greedy_decode(model, {"params": params}, dict(inputs),
+                            bos_index=bos_index, num_steps=t_star + 1,
+                            head_mask=head_mask, ffn_mask=ffn_mask, train=train,
+                            rng=rng)
+  return jnp.sum(weights * jnp.max(scores[:, t_star], axis=-1))
+
+
+def per_sample_mask_grads(model: TAP, params: PyTree, inputs: Mapping[str, Array],
+                          weights: Array, *, t_star: int, bos_index: int
+                          ) -> tuple[Array, Array, Array]:
+  """`vmap(grad)`: per-sample objective values `[B]` and gradients `[B,L,H]`, `[B,L,F]`.
+
+  Dropout off, masks at ones.
+  """
+  (hs, fs) = mask_shapes(model.config)
+  ones_h, ones_f = jnp.ones(hs, jnp.float32), jnp.ones(fs, jnp.float32)
+
+  def one(sample, w):
+    single = jax.tree.map(lambda a: a[None], sample)
+    return jax.value_and_grad(
+        lambda h, f: max_logit_objective(model, params, single, h, f, w[None],
+                                         t_star=t_star, bos_index=bos_index),
+        argnums=(0, 1))(ones_h, ones_f)
+
+  values, (gh, gf) = jax.vmap(one)(dict(inputs), weights)
+  return values, gh, gf
+
+
+def group_mask_grads(model: TAP, params: PyTree, inputs: Mapping[str, Array],
+                     weights: Array, rng: Array, *, t_star: int, bos_index: int,
+                     group_size: int) -> tuple[Array, Array, Array]:
+  """Faithful-dropout scoring: one gradient per consecutive group of `group_size`.
+
+  Every group is decoded in train mode (dropout on) with the same key, mirroring
+  upstream's `torch.manual_seed(0)` at each forward call. Returns group objective
+  values `[G]` and gradients `[G,L,H]`, `[G,L,F]`.
+  """
+  (hs, fs) = mask_shapes(model.config)
+  ones_h, ones_f = jnp.ones(hs, jnp.float32), jnp.ones(fs, jnp.float32)
+  b = weights.shape[0]
+  groups = b // group_size
+  regroup = lambda a: a.reshape((groups, group_size) + a.shape[1:])
+
+  def one(group, w):
+    return jax.value_and_grad(
+        lambda h, f: max_logit_objective(model, params, group, h, f, w, t_star=t_star,
+                                         bos_index=bos_index, train=True, rng=rng),
+        argnums=(0, 1))(ones_h, ones_f)
+
+  values, (gh, gf) = jax.vmap(one)(jax.tree.map(regroup, dict(inputs)), regroup(weights))
+  return values, gh, gf
+
+
+# ---------------------------------------------------------------------------- l1
 
 
 def l1_scores(params: PyTree, config: TapConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +150,7 @@ def l1_scores(params: PyTree, config: TapConfig) -> tuple[np.ndarray, np.ndarray
   ‖W1[n, :]‖₁ + ‖W2[:, n]‖₁ = Σ|`wi/kernel[:, n]`| + Σ|`wo/kernel[n, :]`|. Weights
   only: no biases, no learnable masks. Needs no data.
   """
-  (num_layers, h), (_, f) = importance.mask_shapes(config)
+  (num_layers, h), (_, f) = mask_shapes(config)
   head = np.zeros((num_layers, h), np.float64)
   ffn = np.zeros((num_layers, f), np.float64)
   for i in range(num_layers):
@@ -234,7 +192,7 @@ def loss_mask_grads(model: TAP, params: PyTree, batch: Mapping[str, Array]
   Returns:
     `(head_grads [L, H], ffn_grads [L, F])` = ∂L_b/∂ξ, ∂L_b/∂ν at ξ = ν = 1.
   """
-  hs, fs = importance.mask_shapes(model.config)
+  hs, fs = mask_shapes(model.config)
   return jax.grad(lambda h, f: labelled_loss(model, params, batch, h, f),
                   argnums=(0, 1))(jnp.ones(hs, jnp.float32), jnp.ones(fs, jnp.float32))
 
@@ -254,118 +212,6 @@ def group_loss_mask_grads(model: TAP, params: PyTree, batch: Mapping[str, Array]
   regroup = lambda a: a.reshape((b // group_size, group_size) + a.shape[1:])
   groups = {k: regroup(v) for k, v in batch.items()}
   return jax.vmap(lambda g: loss_mask_grads(model, params, g))(groups)
-
-
-@functools.lru_cache(maxsize=16)
-def make_loss_grads_fn(model: TAP, *, group_size: int, mesh: Optional[Any] = None
-                       ) -> Callable[[PyTree, Mapping[str, Array]], tuple]:
-  """Jitted `(params, batch) -> (head_grads [G,L,H], ffn_grads [G,L,F], rows [G])`.
-
-  `rows` counts the real (weight > 0) rows of each group. With a mesh the batch is
-  sharded on `data` and the outputs replicated. Cached per (model, group_size, mesh),
-  so repeated scoring (alg and fisher of one model) compiles once.
-  """
-  def fn(params, batch):
-    batch = {k: batch[k] for k in STEP_FIELDS + ("weight",)}
-    gh, gf = group_loss_mask_grads(model, params, batch, group_size=group_size)
-    rows = (batch["weight"] > 0).reshape(-1, group_size).sum(1)
-    return gh, gf, rows
-  if mesh is None:
-    return jax.jit(fn)
-  return jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
-                 out_shardings=parallel.replicated(mesh))
-
-
-# ------------------------------------------------------------------- accumulation
-
-
-class GradientAccumulator:
-  """Streams per-batch mask gradients G_b into float64 Σ_b|G_b| and Σ_b G_b².
-
-  `add` takes a stack of batch gradients `[G, L, H]`, `[G, L, F]`; with
-  `keep_batches` they are also kept (float32) for `batch_grads` (Kwon's
-  rearrangement needs every G_b).
-  """
-
-  def __init__(self, head_shape: tuple[int, int], ffn_shape: tuple[int, int], *,
-               keep_batches: bool = True):
-    self.head_shape, self.ffn_shape = tuple(head_shape), tuple(ffn_shape)
-    self.abs_head = np.zeros(head_shape, np.float64)
-    self.abs_ffn = np.zeros(ffn_shape, np.float64)
-    self.sq_head = np.zeros(head_shape, np.float64)
-    self.sq_ffn = np.zeros(ffn_shape, np.float64)
-    self.keep_batches = keep_batches
-    self._batches_h: list[np.ndarray] = []
-    self._batches_f: list[np.ndarray] = []
-    self.num_batches = 0
-    self.num_samples = 0
-
-  def add(self, head_grads: Any, ffn_grads: Any, *, num_samples: int = 0) -> None:
-    gh = np.asarray(head_grads, np.float64)
-    gf = np.asarray(ffn_grads, np.float64)
-    if gh.shape[1:] != self.head_shape or gf.shape[1:] != self.ffn_shape:
-      raise ValueError(f"batch gradients {gh.shape} / {gf.shape} do not stack onto "
-                       f"{self.head_shape} / {self.ffn_shape}.")
-    if gh.shape[0] != gf.shape[0]:
-      raise ValueError(f"{gh.shape[0]} head but {gf.shape[0]} neuron batch gradients.")
-    self.abs_head += np.abs(gh).sum(0)
-    self.abs_ffn += np.abs(gf).sum(0)
-    self.sq_head += np.einsum("bij,bij->ij", gh, gh)
-    self.sq_ffn += np.einsum("bij,bij->ij", gf, gf)
-    if self.keep_batches:
-      self._batches_h.extend(gh.astype(np.float32))
-      self._batches_f.extend(gf.astype(np.float32))
-    self.num_batches += gh.shape[0]
-    self.num_samples += int(num_samples)
-
-  def scores(self, reduction: str) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ|G|, Σ|G|) for "abs", (ΣG², ΣG²) for "square" (copies)."""
-    if reduction == "abs":
-      return self.abs_head.copy(), self.abs_ffn.copy()
-    if reduction == "square":
-      return self.sq_head.copy(), self.sq_ffn.copy()
-    raise ValueError(f"reduction must be 'abs' or 'square', got {reduction!r}.")
-
-  def batch_grads(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """The kept G_b, `[num_batches, L, H]` and `[num_batches, L, F]` (None if not kept)."""
-    if not self.keep_batches:
-      return None, None
-    if not self._batches_h:
-      return (np.zeros((0,) + self.head_shape, np.float32),
-              np.zeros((0,) + self.ffn_shape, np.float32))
-    return np.stack(self._batches_h), np.stack(self._batches_f)
-
-
-class RecordingImportanceAccumulator(importance.ImportanceAccumulator):
-  """LFPR's accumulator that also keeps every faithful batch gradient G_b (float32).
-
-  Same scores as `importance.ImportanceAccumulator` (LFPR.md §3.2-3.3); `batch_grads`
-  returns the per-batch gradients in closing order (the last, partial group included
-  once `result` has closed it).
-  """
-
-  def __init__(self, head_shape: tuple[int, int], ffn_shape: tuple[int, int], *,
-               group_size: int = 8):
-    super().__init__(head_shape, ffn_shape, group_size=group_size)
-    self._batches_h: list[np.ndarray] = []
-    self._batches_f: list[np.ndarray] = []
-
-  def _close_group(self) -> None:
-    self._batches_h.append(self._open_h.astype(np.float32))
-    self._batches_f.append(self._open_f.astype(np.float32))
-    super()._close_group()
-
-  def add_groups(self, head_grads: np.ndarray, ffn_grads: np.ndarray,
-                 question_ids: np.ndarray) -> None:
-    super().add_groups(head_grads, ffn_grads, question_ids)
-    self._batches_h.extend(np.asarray(head_grads, np.float32))
-    self._batches_f.extend(np.asarray(ffn_grads, np.float32))
-
-  def batch_grads(self) -> tuple[np.ndarray, np.ndarray]:
-    shape_h, shape_f = self.head.shape, self.ffn.shape
-    if not self._batches_h:
-      return (np.zeros((0,) + shape_h, np.float32), np.zeros((0,) + shape_f, np.float32))
-    return np.stack(self._batches_h), np.stack(self._batches_f)
 
 
 def postprocess_alg(head: np.ndarray, ffn: np.ndarray, *, normalize_by_layer: bool = True,
@@ -396,185 +242,254 @@ def postprocess_alg(head: np.ndarray, ffn: np.ndarray, *, normalize_by_layer: bo
   return head, ffn
 
 
-# ------------------------------------------------------------------------ results
+# ------------------------------------------------------------------ the criteria
 
 
-@dataclasses.dataclass
-class CriterionScores:
-  """Scores of one criterion, in the shapes selection and rearrangement take.
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+  """One importance criterion (subclasses set the class attributes).
 
   Attributes:
-    criterion: the criterion's name.
-    head, ffn: final scores `[L, H]`, `[L, F]` (float64; post-processed for `alg`).
-    head_grads, ffn_grads: per-batch mask gradients `[num_batches, L, H]`,
-      `[num_batches, L, F]` (float32), None for `l1` or when not kept.
-    num_samples: samples scored (0 for `l1`).
-    options: the criterion's settings (JSON-able).
+    name: registry name.
+    needs_labels: scores from a loss on ground-truth answers (refuses unlabelled data).
+    needs_data: scores from data (False: `weights_only`).
+    reduction: how batch gradients G_b are accumulated: "square" (Σ_b G_b²), "abs"
+      (Σ_b |G_b|) or None (not gradient based).
+    description: one line for reports.
+    defined: False for a named slot without a definition (using it raises).
+    fields: batch fields the gradient function reads (besides `weight`).
+    per_sample: `grads_fn` returns one gradient per sample (the loop groups them into
+      batches of `group_size`), else one per group of `group_size` rows.
   """
 
-  criterion: str
-  head: np.ndarray
-  ffn: np.ndarray
-  head_grads: Optional[np.ndarray] = None
-  ffn_grads: Optional[np.ndarray] = None
-  num_samples: int = 0
-  options: dict = dataclasses.field(default_factory=dict)
+  name: ClassVar[str] = ""
+  needs_labels: ClassVar[bool] = False
+  needs_data: ClassVar[bool] = True
+  reduction: ClassVar[Optional[str]] = None
+  description: ClassVar[str] = ""
+  defined: ClassVar[bool] = True
+  fields: ClassVar[tuple[str, ...]] = MODEL_INPUTS
 
   @property
-  def num_batches(self) -> int:
-    return 0 if self.head_grads is None else int(self.head_grads.shape[0])
+  def per_sample(self) -> bool:
+    return False
 
-  def save(self, path: str) -> None:
-    """Writes an `.npz` atomically."""
-    arrays = {"head": self.head, "ffn": self.ffn,
-              "meta": np.asarray(json.dumps({"criterion": self.criterion,
-                                             "num_samples": self.num_samples,
-                                             "options": self.options}))}
-    if self.head_grads is not None:
-      arrays.update(head_grads=self.head_grads, ffn_grads=self.ffn_grads)
-    atomic.savez(path, **arrays)
+  def require_defined(self) -> None:
+    """Raises `UndefinedCriterionError` for a criterion without a definition."""
+    if not self.defined:
+      raise UndefinedCriterionError(
+          f"importance criterion {self.name!r} is not defined: the paper's table names "
+          "OWO, but the acronym is not expanded anywhere reachable (README, code "
+          "history, abstract; LFPR.md §8.5), so no formula is implemented. Use one of "
+          f"{', '.join(n for n, c in REGISTRY.items() if c.defined)}, and report OWO's "
+          "table values as external numbers.")
 
-  @classmethod
-  def load(cls, path: str) -> "CriterionScores":
-    with np.load(path) as d:
-      meta = json.loads(str(d["meta"]))
-      return cls(criterion=meta["criterion"], head=d["head"], ffn=d["ffn"],
-                 head_grads=d["head_grads"] if "head_grads" in d else None,
-                 ffn_grads=d["ffn_grads"] if "ffn_grads" in d else None,
-                 num_samples=int(meta["num_samples"]), options=meta["options"])
+  def grads_fn(self, model: TAP, *, group_size: int) -> GradsFn:
+    """The pure (unjitted) gradient function of a data criterion."""
+    raise NotImplementedError(f"criterion {self.name!r} has no gradient function.")
 
+  def weights_only(self, params: PyTree, config: TapConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores from the weights alone (criteria with `needs_data` False)."""
+    raise NotImplementedError(f"criterion {self.name!r} scores from data.")
 
-# ------------------------------------------------------------------------- driver
+  def postprocess(self, head: np.ndarray, ffn: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The final scores from the reduced ones (identity by default)."""
+    return head, ffn
 
-
-def _with_weight(batch: Mapping[str, Any]) -> dict:
-  out = dict(batch)
-  if "weight" not in out:
-    n = np.shape(out["cmb_text"])[0]
-    out["weight"] = jnp.ones((n,), jnp.float32)
-  return out
+  def options(self) -> dict:
+    """The criterion's settings (JSON-able), stored with its scores."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def compute_scores(criterion: Union[str, Criterion], model: TAP, params: PyTree,
-                   batches: Optional[Iterable[Mapping[str, Any]]] = None, *,
-                   group_size: int = 8, mesh: Optional[Any] = None,
-                   t_star: Optional[int] = None, bos_index: Optional[int] = None,
-                   dropout: bool = False, seed: int = 0,
-                   normalize_by_layer: bool = True, normalize_ffn_by_layer: bool = False,
-                   global_minmax: bool = False, keep_batch_grads: bool = True
-                   ) -> CriterionScores:
-  r"""Scores every head and neuron of the unpruned `model` with one criterion.
+@dataclasses.dataclass(frozen=True)
+class Lfpr(Criterion):
+  """LFPR's label-free score (LFPR.md §2-3).
 
-  Args:
-    criterion: a name of `CRITERIA` or a Criterion.
-    model, params: the unpruned model and its parameters.
-    batches: global batches, e.g. from `lfpr.stream` (not needed for `l1`). Each is a
-      mapping of batch-first arrays: the model inputs, an optional `weight` (0 on
-      padding rows; default all ones), an optional `question_id`; for `alg` /
-      `fisher` also `train_prev_inds`, `targets`, `train_loss_mask` and
-      `has_answers`. The batch size must be a multiple of `group_size`.
-    group_size: samples per batch gradient G_b (LFPR and the baselines: 8).
-    mesh: device mesh the batches are sharded on (`lfpr` defaults to all devices;
-      the labelled criteria run unsharded without one).
-    t_star, bos_index: `lfpr`: the scored decoding step and the BOS index.
-    dropout: `lfpr`: faithful train-mode scoring (group gradients, same key).
-    seed: `lfpr` with dropout: the dropout key.
-    normalize_by_layer, normalize_ffn_by_layer, global_minmax: `alg` options
-      (`postprocess_alg`).
-    keep_batch_grads: keep the per-batch gradients in the result.
+  Attributes:
+    t_star: the scored decoding step.
+    bos_index: the decoder's BOS index.
+    dropout: faithful train-mode scoring (group gradients with one dropout key).
+  """
 
-  Returns:
-    The CriterionScores.
+  name: ClassVar[str] = "lfpr"
+  reduction: ClassVar[Optional[str]] = "square"
+  description: ClassVar[str] = ("LFPR label-free score: squared per-batch gradient "
+                                "of the summed max logit at step t*")
+  t_star: Optional[int] = None
+  bos_index: Optional[int] = None
+  dropout: bool = False
+
+  @property
+  def per_sample(self) -> bool:
+    return not self.dropout
+
+  def grads_fn(self, model: TAP, *, group_size: int) -> GradsFn:
+    if self.t_star is None or self.bos_index is None:
+      raise ValueError("criterion 'lfpr' needs t_star and bos_index.")
+    tstar.check_t_star(self.t_star, model.config.decode_steps)
+    t_star, bos_index = int(self.t_star), int(self.bos_index)
+    if self.dropout:
+      def fn(params, batch, rng):
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        return group_mask_grads(model, params, inputs, batch["weight"], rng,
+                                t_star=t_star, bos_index=bos_index,
+                                group_size=group_size)[1:]
+    else:
+      def fn(params, batch, rng):
+        del rng
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        return per_sample_mask_grads(model, params, inputs, batch["weight"],
+                                     t_star=t_star, bos_index=bos_index)[1:]
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class L1(Criterion):
+  """Weight magnitudes (LFPR.md §8.2 (a)); needs no data."""
+
+  name: ClassVar[str] = "l1"
+  needs_data: ClassVar[bool] = False
+  description: ClassVar[str] = ("weight magnitudes: L1 norms of a head's Q/K/V rows "
+                                "and output columns, of a neuron's W1 row and W2 column")
+
+  def weights_only(self, params: PyTree, config: TapConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    return l1_scores(params, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Labelled(Criterion):
+  """A criterion from per-batch gradients of the labelled loss (LFPR.md §8.1)."""
+
+  needs_labels: ClassVar[bool] = True
+  fields: ClassVar[tuple[str, ...]] = STEP_FIELDS
+
+  def grads_fn(self, model: TAP, *, group_size: int) -> GradsFn:
+    def fn(params, batch, rng):
+      del rng
+      batch = {k: batch[k] for k in STEP_FIELDS + ("weight",)}
+      return group_loss_mask_grads(model, params, batch, group_size=group_size)
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Alg(_Labelled):
+  """Michel et al.'s absolute loss gradient (LFPR.md §8.3); see `postprocess_alg`."""
+
+  name: ClassVar[str] = "alg"
+  reduction: ClassVar[Optional[str]] = "abs"
+  description: ClassVar[str] = ("absolute loss gradient (Michel et al. 2019): sum of "
+                                "|dL_b/dm| over batches, heads normalised per layer")
+  normalize_by_layer: bool = True
+  normalize_ffn_by_layer: bool = False
+  global_minmax: bool = False
+
+  def postprocess(self, head: np.ndarray, ffn: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    return postprocess_alg(head, ffn, normalize_by_layer=self.normalize_by_layer,
+                           normalize_ffn_by_layer=self.normalize_ffn_by_layer,
+                           global_minmax=self.global_minmax)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fisher(_Labelled):
+  """Kwon et al.'s empirical Fisher (LFPR.md §8.4)."""
+
+  name: ClassVar[str] = "fisher"
+  reduction: ClassVar[Optional[str]] = "square"
+  description: ClassVar[str] = ("empirical Fisher (Kwon et al. 2022): sum of "
+                                "(dL_b/dm)^2 over batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class Owo(Criterion):
+  """OWO: a named slot of the paper's table without a definition (LFPR.md §8.5)."""
+
+  name: ClassVar[str] = "owo"
+  description: ClassVar[str] = "OWO: undefined (LFPR.md §8.5)"
+  defined: ClassVar[bool] = False
+
+
+# name -> criterion class, in the paper's table order.
+REGISTRY: Mapping[str, type[Criterion]] = {
+    "lfpr": Lfpr, "l1": L1, "alg": Alg, "fisher": Fisher, "owo": Owo}
+CRITERIA: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_criterion(name: Union[str, Criterion], **options: Any) -> Criterion:
+  """The criterion `name` with its options (a Criterion is returned as it is).
 
   Raises:
-    UndefinedCriterionError: `owo`.
-    ValueError: unknown criterion, missing arguments or fields, or a labelled
-      criterion on a batch without answers (raised before that batch's gradients).
+    ValueError: an unknown name (the message lists the valid ones), or options the
+      criterion does not take. A known but undefined criterion (`owo`) is returned;
+      using it raises.
+  """
+  if isinstance(name, Criterion):
+    if options:
+      raise ValueError(f"options {sorted(options)} given with a Criterion object.")
+    return name
+  if not isinstance(name, str) or name not in REGISTRY:
+    raise ValueError(f"unknown importance criterion {name!r}; valid criteria: "
+                     f"{', '.join(CRITERIA)}.")
+  cls = REGISTRY[name]
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ValueError(f"criterion {name!r} takes the options {sorted(known)}, got "
+                     f"{unknown}.")
+  return cls(**options)
+
+
+# --------------------------------------------------------------------- label check
+
+
+def _host(x: Any) -> np.ndarray:
+  """A host copy of x (this process's rows of a globally sharded array)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return np.asarray(x)
+
+
+def check_labels(criterion: Union[str, Criterion], has_answers: Any, *,
+                 weight: Any = None, what: str = "the data") -> None:
+  """Refuses labelled criteria on data without ground-truth answers.
+
+  Call it before any work: with the dataset's flag (a bool), the first example or
+  batch (a mapping with `has_answers`, and `weight` = 0 on padding rows), or an array
+  of `has_answers` flags. `scoring.compute` checks every batch before its gradients.
+
+  Args:
+    criterion: name or Criterion; label-free criteria always pass.
+    has_answers: bool, array of flags, or a mapping holding `has_answers`.
+    weight: optional per-row weights; rows with weight 0 (padding) are not checked.
+    what: how to name the data in the error.
+
+  Raises:
+    ValueError: the criterion needs labels and some (real) example has none, or a
+      mapping has no `has_answers` field.
   """
   crit = get_criterion(criterion)
-  crit.require_defined()
-  hs, fs = importance.mask_shapes(model.config)
-  if crit.name == "l1":
-    head, ffn = l1_scores(params, model.config)
-    return CriterionScores("l1", head, ffn, options={})
-  if batches is None:
-    raise ValueError(f"criterion {crit.name!r} scores from data: pass batches.")
-  if crit.name == "lfpr":
-    return _compute_lfpr(model, params, batches, group_size=group_size, mesh=mesh,
-                         t_star=t_star, bos_index=bos_index, dropout=dropout, seed=seed,
-                         keep_batch_grads=keep_batch_grads)
-
-  grads_fn = make_loss_grads_fn(model, group_size=group_size, mesh=mesh)
-  if mesh is None:
-    meta_fn = jax.jit(lambda b: (b["weight"], b["has_answers"]))
-  else:
-    meta_fn = jax.jit(lambda b: (b["weight"], b["has_answers"]),
-                      in_shardings=(parallel.data_sharded(mesh),),
-                      out_shardings=parallel.replicated(mesh))
-  acc = GradientAccumulator(hs, fs, keep_batches=keep_batch_grads)
-  for i, batch in enumerate(batches):
-    batch = _with_weight(batch)
-    missing = [k for k in STEP_FIELDS + ("has_answers",) if k not in batch]
-    if missing:
-      raise ValueError(f"criterion {crit.name!r} needs batches with {missing} "
-                       "(ground-truth teacher forcing and loss targets).")
-    weight, has = (np.asarray(x) for x in meta_fn(
-        {"weight": batch["weight"], "has_answers": batch["has_answers"]}))
-    check_labels(crit, has, weight=weight, what=f"batch {i}")
-    gh, gf, rows = (np.asarray(x) for x in grads_fn(params, batch))
-    keep = rows > 0  # groups of padding only are no batches
-    acc.add(gh[keep], gf[keep], num_samples=int(rows.sum()))
-  head, ffn = acc.scores(crit.reduction)
-  options: dict = {"group_size": group_size}
-  if crit.name == "alg":
-    head, ffn = postprocess_alg(head, ffn, normalize_by_layer=normalize_by_layer,
-                                normalize_ffn_by_layer=normalize_ffn_by_layer,
-                                global_minmax=global_minmax)
-    options.update(normalize_by_layer=normalize_by_layer,
-                   normalize_ffn_by_layer=normalize_ffn_by_layer,
-                   global_minmax=global_minmax)
-  importance.check_importance(head, ffn)
-  bh, bf = acc.batch_grads()
-  return CriterionScores(crit.name, head, ffn, bh, bf, num_samples=acc.num_samples,
-                         options=options)
-
-
-def _compute_lfpr(model: TAP, params: PyTree, batches: Iterable[Mapping[str, Any]], *,
-                  group_size: int, mesh: Optional[Any], t_star: Optional[int],
-                  bos_index: Optional[int], dropout: bool, seed: int,
-                  keep_batch_grads: bool) -> CriterionScores:
-  """LFPR's score through `importance.py`, keeping the per-batch gradients."""
-  if t_star is None or bos_index is None:
-    raise ValueError("criterion 'lfpr' needs t_star and bos_index.")
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  grads_fn = importance.make_grads_fn(model, mesh, t_star=t_star, bos_index=bos_index,
-                                      dropout=dropout, group_size=group_size)
-  meta_fn = jax.jit(lambda b: (b["weight"], b["question_id"]),
-                    in_shardings=(parallel.data_sharded(mesh),),
-                    out_shardings=parallel.replicated(mesh))
-  hs, fs = importance.mask_shapes(model.config)
-  acc = RecordingImportanceAccumulator(hs, fs, group_size=group_size)
-  rng = jax.random.key(seed)
-  next_id = 0
-  for batch in batches:
-    batch = _with_weight(batch)
-    if "question_id" not in batch:
-      n = np.shape(batch["cmb_text"])[0]
-      batch["question_id"] = jnp.arange(next_id, next_id + n, dtype=jnp.int32)
-      next_id += n
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
-    _, gh, gf = grads_fn(params, inputs, batch["weight"], rng)
-    w, q = (np.asarray(x) for x in meta_fn({"weight": batch["weight"],
-                                            "question_id": batch["question_id"]}))
-    gh, gf = np.asarray(gh), np.asarray(gf)
-    if dropout:
-      groups = w.reshape(-1, group_size).sum(1) > 0
-      acc.add_groups(gh[groups], gf[groups], q[w > 0])
-    else:
-      keep = w > 0
-      acc.add_samples(gh[keep], gf[keep], q[keep])
-  imp = acc.result(t_star)
-  bh, bf = acc.batch_grads() if keep_batch_grads else (None, None)
-  return CriterionScores("lfpr", imp.head, imp.ffn, bh, bf, num_samples=imp.num_samples,
-                         options={"group_size": group_size, "t_star": int(t_star),
-                                  "dropout": bool(dropout)})
+  if not crit.needs_labels:
+    return
+  if isinstance(has_answers, Mapping):
+    if "has_answers" not in has_answers:
+      raise ValueError(
+          f"criterion {crit.name!r} needs ground-truth answers, but {what} has no "
+          "'has_answers' field to tell labelled examples (batches of the data "
+          "pipeline carry it).")
+    if weight is None:
+      weight = has_answers.get("weight")
+    has_answers = has_answers["has_answers"]
+  flags = _host(has_answers).astype(bool).reshape(-1)
+  if weight is not None:
+    flags = flags[_host(weight).reshape(-1) > 0]
+  missing = int(np.sum(~flags))
+  if missing:
+    raise ValueError(
+        f"criterion {crit.name!r} needs ground-truth answers (a labelled loss), but "
+        f"{missing} of {flags.size} examples of {what} have none (has_answers is "
+        "False, e.g. a test split); use a split with answers or a label-free criterion "
+        f"({', '.join(n for n in CRITERIA if not REGISTRY[n].needs_labels and REGISTRY[n].defined)}).")

@@ -50,23 +50,13 @@ from lfpr_jax.pruning import selection
 from lfpr_jax.pruning import surgery
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.config import TapConfig
-from lfpr_jax.models.tap import BERT_LN_EPS, TAP, gelu, prefix_lm_mask
+from lfpr_jax.models.tap import TAP, BertLayer
 
 PyTree = Any
 Array = jax.Array
 
 
-# ------------------------------------------------------------------------ costs
-
-
-def mac_per_head(seq_len: int, hidden_size: int, head_dim: int) -> int:
-  """Kwon's MACs of one head: Q, K, V, output projections 4·s·d·dh + attention 2·s²·dh."""
-  return 4 * seq_len * hidden_size * head_dim + 2 * seq_len * seq_len * head_dim
-
-
-def mac_per_neuron(seq_len: int, hidden_size: int) -> int:
-  """Kwon's MACs of one FFN neuron: 2·s·d."""
-  return 2 * seq_len * hidden_size
+# ----------------------------------------------------------------------- search
 
 
 def teacher_constraint(constraint: float) -> float:
@@ -191,62 +181,28 @@ def lsmr_solve(gram: Any, rhs: Any, *, damp: float = 1.0,
   return 1.0 + sol[0], int(sol[1])
 
 
-def _layer_norm(x: Array, p: Mapping[str, Array]) -> Array:
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + BERT_LN_EPS) * p["scale"] + p["bias"]
-
-
-def layer_parts(p: Mapping[str, Any], x: Array, mask: Array, head_mask: Array,
-                ffn_mask: Array, head_dim: int, *, per_head: bool = True
-                ) -> dict[str, Array]:
-  """One unpruned MMT layer in eval mode, with the pieces the tuning needs.
+def layer_parts(model: TAP, p: Mapping[str, Any], x: Array, mask: Array,
+                head_mask: Array, ffn_mask: Array) -> dict[str, Array]:
+  """One unpruned MMT layer in eval mode (the model's `BertLayer.parts`) with its parts.
 
   Args:
-    p: the layer's params (`mmt_layer_i`).
+    model: the unpruned TAP (every MMT layer has the same widths).
+    p: the layer's params (`mmt_layer_i`, or a traced stack entry of them).
     x: inputs `[B, S, d]`; mask: additive `[B, 1, S, S]`.
     head_mask `[H]`, ffn_mask `[F]`: real-valued masks.
-    per_head: also return the per-head outputs (else the attention output is
-      computed directly).
 
   Returns:
-    `per_head` `[B, H, S, d]` (each head's masked context times its W_O rows, no
-    bias; only with `per_head`), `attn_sum` (pre-LayerNorm attention sum
-    W_O·ctx + b_O + x), `y` (after the attention LayerNorm), `act` `[B, S, F]` (masked
-    GELU activations), `ffn_sum` (W2·act + b2 + y) and `out` (the layer output).
+    `BertLayer.parts` (`context`, `attn_sum`, `y`, `act`, `ffn_sum`, `out`) plus
+    `per_head` `[B, H, S, d]`: each head's masked context times its W_O rows (no bias;
+    summed over heads and with b_O + x added it is `attn_sum`).
   """
-  a, f = p["attention"], p["ffn"]
-  proj = lambda n: (jnp.einsum("bsd,dhk->bhsk", x, a[n]["kernel"])
-                    + a[n]["bias"][None, :, None, :])
-  q, k, v = proj("query"), proj("key"), proj("value")
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(head_dim) + mask
-  probs = jax.nn.softmax(logits, axis=-1) * head_mask[None, :, None, None]
-  ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-  out: dict[str, Array] = {}
-  if per_head:
-    out["per_head"] = jnp.einsum("bhqk,hkd->bhqd", ctx, a["out"]["kernel"])
-    attn = out["per_head"].sum(axis=1)
-  else:
-    attn = jnp.einsum("bhqk,hkd->bqd", ctx, a["out"]["kernel"])
-  attn_sum = attn + a["out"]["bias"] + x
-  y = _layer_norm(attn_sum, p["attn_ln"])
-  act = gelu(y @ f["wi"]["kernel"] + f["wi"]["bias"]) * ffn_mask
-  ffn_sum = act @ f["wo"]["kernel"] + f["wo"]["bias"] + y
-  out.update(attn_sum=attn_sum, y=y, act=act, ffn_sum=ffn_sum,
-             out=_layer_norm(ffn_sum, p["ffn_ln"]))
+  c = model.config
+  layer = BertLayer(c.mmt_heads[0], c.mmt_ffn[0], c, c.learnable_masks)
+  out = layer.apply({"params": p}, x, mask, head_mask=head_mask, ffn_mask=ffn_mask,
+                    method=BertLayer.parts)
+  out["per_head"] = jnp.einsum("bhqk,hkd->bhqd", out["context"],
+                               p["attention"]["out"]["kernel"])
   return out
-
-
-def _mmt_inputs(module: TAP, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-  """The teacher-forced MMT input sequence, its additive mask and encoder validity."""
-  enc = module._inputs(batch, False)  # noqa: SLF001 (same package)
-  prev = batch["train_prev_inds"]
-  steps = prev.shape[1]
-  ans_emb, ocr_emb = module.prev_pred_embeddings.tables(module.classifier_embedding,
-                                                        enc["ocr"])
-  dec = module.prev_pred_embeddings(ans_emb, ocr_emb, prev, jnp.arange(steps))
-  x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"], dec], axis=1)
-  return x, prefix_lm_mask(enc["enc_valid"], steps), enc["enc_valid"]
 
 
 def valid_rows(config: TapConfig, enc_valid: Array, weight: Array, *,
@@ -281,8 +237,8 @@ def tuning_stats(model: TAP, params: PyTree, batch: Mapping[str, Array],
   """
   c = model.config
   num_layers = c.mmt_layers
-  x0, mask, enc_valid = model.apply({"params": params}, dict(batch),
-                                    method=_mmt_inputs)
+  x0, mask, enc = model.apply({"params": params}, dict(batch), method=TAP.mmt_inputs)
+  enc_valid = enc["enc_valid"]
   weight = batch.get("weight", jnp.ones(x0.shape[0], jnp.float32))
   v_all = valid_rows(c, enc_valid, weight, decoder_steps=decoder_steps,
                      read_rows_only=False)
@@ -295,16 +251,14 @@ def tuning_stats(model: TAP, params: PyTree, batch: Mapping[str, Array],
     """The input of layer `layer` under the given masks."""
     xs = [x0]
     for i in range(num_layers - 1):
-      xs.append(layer_parts(layers[i], xs[-1], mask, head[i], ffn[i], c.head_dim,
-                            per_head=False)["out"])
+      xs.append(layer_parts(model, layers[i], xs[-1], mask, head[i], ffn[i])["out"])
     return jnp.stack(xs)[layer]
 
   p = jax.tree.map(lambda *leaves: jnp.stack(leaves)[layer], *layers)
   x_t = layer_input(teacher_head, teacher_ffn)
   x_s = layer_input(student_head, student_ffn)
-  t = layer_parts(p, x_t, mask, teacher_head[layer], teacher_ffn[layer], c.head_dim,
-                  per_head=False)
-  s = layer_parts(p, x_s, mask, student_head[layer], student_ffn[layer], c.head_dim)
+  t = layer_parts(model, p, x_t, mask, teacher_head[layer], teacher_ffn[layer])
+  s = layer_parts(model, p, x_s, mask, student_head[layer], student_ffn[layer])
   v = jnp.where(layer == num_layers - 1, v_last, v_all)        # [B, S]
   # Attention block.
   per_head = s["per_head"] * v[:, None, :, None]               # [B, H, S, d]
@@ -327,8 +281,9 @@ def tuning_stats(model: TAP, params: PyTree, batch: Mapping[str, Array],
               rows=jnp.sum(v))
 
 
-@functools.lru_cache(maxsize=8)
-def _stats_fn(model: TAP, decoder_steps: Optional[int], last_layer_read_rows: bool):
+def make_stats_fn(model: TAP, *, decoder_steps: Optional[int] = None,
+                  last_layer_read_rows: bool = True):
+  """`tuning_stats` of `model`, jitted: `(params, batch, th, tf, sh, sf, layer)`."""
   return jax.jit(functools.partial(tuning_stats, model, decoder_steps=decoder_steps,
                                    last_layer_read_rows=last_layer_read_rows))
 
@@ -400,7 +355,9 @@ def tune_masks(model: TAP, params: PyTree, batches: Sequence[Mapping[str, Any]],
                      f"{c.mmt_ffn[0]} neurons).")
   if not batches:
     raise ValueError("mask tuning needs at least one batch.")
-  stats_fn = _stats_fn(model, decoder_steps, last_layer_read_rows)
+  # Built per call (one compilation serves every layer: `layer` is traced).
+  stats_fn = make_stats_fn(model, decoder_steps=decoder_steps,
+                           last_layer_read_rows=last_layer_read_rows)
   log: list = []
 
   def gather(layer: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -551,7 +508,7 @@ def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, 
 
   Args:
     model, params: the unpruned model.
-    scores: a `criteria.CriterionScores` (its `head`/`ffn` scores rank the units, its
+    scores: a `scoring.Scores` (its `head`/`ffn` scores rank the units, its
       per-batch gradients drive the rearrangement).
     constraint: c, the kept fraction of the FLOPs (`kind="flops"`) or parameters.
     kind: "flops" (Kwon) or "params" (LFPR).

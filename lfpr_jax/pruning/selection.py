@@ -280,9 +280,15 @@ def _as_scores(x: object, name: str) -> np.ndarray:
   return a
 
 
-def _check_importances(head_importance: object, ffn_importance: object,
-                       config: Optional[TapConfig]) -> tuple[np.ndarray, np.ndarray]:
-  """Validated `[L, H]` and `[L, F]` float arrays (dtype kept when floating)."""
+def check_importances(head_importance: object, ffn_importance: object,
+                      config: Optional[TapConfig] = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Validated `[L, H]` and `[L, F]` float arrays (dtype kept when floating).
+
+  Raises:
+    ValueError: not numeric, wrong or mismatched shapes (against `config` if given),
+      non-finite entries, or all zero (nothing to rank).
+  """
   head = _as_scores(head_importance, "head_importance")
   ffn = _as_scores(ffn_importance, "ffn_importance")
   if head.ndim != 2 or ffn.ndim != 2:
@@ -400,7 +406,7 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
     ValueError: bad constraint or importances, or no H with a positive value (e.g.
       all-zero scores, where upstream crashes), or no head fits a strict budget.
   """
-  head, ffn = _check_importances(head_importance, ffn_importance, config)
+  head, ffn = check_importances(head_importance, ffn_importance, config)
   costs = _resolve_costs(config, costs)
   if not isinstance(constraint, (int, float, np.floating, np.integer)) or not (
       0.0 < float(constraint) <= 1.0):
@@ -484,7 +490,7 @@ def select_thre(head_importance: object, ffn_importance: object, percentile: flo
   Raises:
     ValueError: bad percentile or importances.
   """
-  head, ffn = _check_importances(head_importance, ffn_importance, config)
+  head, ffn = check_importances(head_importance, ffn_importance, config)
   costs = _resolve_costs(config, costs)
   if not isinstance(percentile, (int, float, np.floating, np.integer)) or not (
       0.0 <= float(percentile) <= 100.0):

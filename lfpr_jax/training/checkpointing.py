@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,23 +31,25 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def _is_model_dir(path: str) -> bool:
-  """Whether `path` holds an `arch.json` / `delta.json` in this module's formats.
+def has_format(path: str, name: str, fmt: str) -> bool:
+  """Whether `path/name` is a JSON file whose `format` is `fmt`.
 
-  Recognises model and delta directories written before `atomic.MARKER` existed, so
-  `overwrite` can still replace them; anything unreadable is not recognised.
+  Recognises directories written before `atomic.MARKER` existed, so `overwrite` can
+  still replace them; anything unreadable is not recognised.
   """
-  for name, fmt in ((ARCH_FILE, FORMAT), (DELTA_FILE, DELTA_FORMAT)):
-    try:
-      with open(os.path.join(path, name), encoding="utf-8") as f:
-        if json.load(f).get("format") == fmt:
-          return True
-    except (OSError, ValueError, AttributeError):
-      continue
-  return False
+  try:
+    with open(os.path.join(path, name), encoding="utf-8") as f:
+      return json.load(f).get("format") == fmt
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
-def check_output_dir(path: str, *, overwrite: bool = False) -> None:
+def _is_model_dir(path: str) -> bool:
+  return has_format(path, ARCH_FILE, FORMAT)
+
+
+def check_output_dir(path: str, *, overwrite: bool = False,
+                     recognise: Callable[[str], bool] = _is_model_dir) -> None:
   """Fails early (before long work) if `path` may not be written.
 
   Raises:
@@ -57,7 +59,7 @@ def check_output_dir(path: str, *, overwrite: bool = False) -> None:
     FileExistsError: `path` exists and `overwrite` is not set.
     PermissionError: the parent directory is not writable.
   """
-  atomic.check_replaceable(path, recognise=_is_model_dir)
+  atomic.check_replaceable(path, recognise=recognise)
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f"output {path} already exists; pass --overwrite "
                           "(overwrite=True) to replace it.")
@@ -78,18 +80,23 @@ def save_model(path: str, config: TapConfig, params: PyTree, *,
   check_params(params, config)
   check_output_dir(path, overwrite=overwrite)
   with atomic.directory(path, overwrite=overwrite, recognise=_is_model_dir) as tmp:
-    _save_params(os.path.join(tmp, PARAMS_DIR), params)
+    save_params(os.path.join(tmp, PARAMS_DIR), params)
     meta = {"format": FORMAT, "config": config.to_dict(), **dict(extra or {})}
     atomic.write_json(os.path.join(tmp, ARCH_FILE), meta)
 
 
-def _save_params(path: str, params: PyTree) -> PyTree:
+def save_params(path: str, params: PyTree) -> PyTree:
   """Saves float32 host copies of `params` with Orbax; returns them."""
   host = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, host)
   ckptr.wait_until_finished()
   return host
+
+
+def restore_params(path: str, abstract: PyTree = None) -> PyTree:
+  """Reads a parameter tree written by `save_params` (shapes from `abstract` if given)."""
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
 
 def load_config(path: str) -> TapConfig:
@@ -140,73 +147,6 @@ def directory_bytes(path: str) -> int:
   for root, _, files in os.walk(path):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   return total
-
-
-# ---------------------------------------------------------------- delta checkpoints
-
-DELTA_FORMAT = "lfpr_jax.delta/1"
-DELTA_FILE = "delta.json"
-MASKS_FILE = "selection_masks.npz"
-
-
-def save_delta(path: str, *, trainable: PyTree, pruned_config: TapConfig,
-               head_mask: np.ndarray, ffn_mask: np.ndarray, base_sha256: str,
-               overwrite: bool = False, extra: Mapping[str, Any] | None = None
-               ) -> None:
-  """Writes a ReSt delta: only the retrained tensors, the selection and the base hash.
-
-  With the unpruned base model it rebuilds the retrained model (`load_delta`); its size
-  is what the paper's "File Size" column reports for ReSt (LFPR.md §7.4). The binary
-  selection masks are stored as bits.
-  """
-  check_output_dir(path, overwrite=overwrite)
-  with atomic.directory(path, overwrite=overwrite, recognise=_is_model_dir) as tmp:
-    host = _save_params(os.path.join(tmp, PARAMS_DIR), trainable)
-    np.savez_compressed(os.path.join(tmp, MASKS_FILE),
-                        head=np.packbits(np.asarray(head_mask) > 0, axis=-1),
-                        ffn=np.packbits(np.asarray(ffn_mask) > 0, axis=-1),
-                        head_shape=np.asarray(np.shape(head_mask)),
-                        ffn_shape=np.asarray(np.shape(ffn_mask)))
-    meta = {"format": DELTA_FORMAT, "config": pruned_config.to_dict(),
-            "base_sha256": base_sha256,
-            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(host))),
-            **dict(extra or {})}
-    with open(os.path.join(tmp, DELTA_FILE), "w") as f:
-      json.dump(meta, f, indent=1)
-
-
-def load_delta(path: str, base_dir: str) -> tuple[TapConfig, PyTree]:
-  """Rebuilds a retrained model from its delta and the unpruned base model directory.
-
-  Raises:
-    ValueError: the base model is not the one the delta was made from (hash mismatch).
-  """
-  from lfpr_jax.pruning import surgery  # noqa: PLC0415
-  from lfpr_jax.training.optim import merge_params  # noqa: PLC0415
-  with open(os.path.join(path, DELTA_FILE)) as f:
-    meta = json.load(f)
-  if meta.get("format") != DELTA_FORMAT:
-    raise ValueError(f"{path}: not an lfpr_jax delta (format {meta.get('format')!r}).")
-  base_config, base_params = load_model(base_dir)
-  digest = params_sha256(base_params)
-  if digest != meta["base_sha256"]:
-    raise ValueError(f"{base_dir} is not the base model of the delta {path} "
-                     f"(sha256 {digest[:12]}..., expected {meta['base_sha256'][:12]}...).")
-  with np.load(os.path.join(path, MASKS_FILE)) as m:
-    head = np.unpackbits(m["head"], axis=-1)[..., :int(m["head_shape"][-1])]
-    ffn = np.unpackbits(m["ffn"], axis=-1)[..., :int(m["ffn_shape"][-1])]
-  pruned, config = surgery.prune(base_params, base_config, head.astype(np.float32),
-                                 ffn.astype(np.float32))
-  expected = TapConfig.from_dict(meta["config"])
-  if config != expected:
-    raise ValueError(f"{path}: the stored selection gives {config.mmt_heads}/"
-                     f"{config.mmt_ffn}, the delta expects {expected.mmt_heads}/"
-                     f"{expected.mmt_ffn}.")
-  trained = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(path), PARAMS_DIR))
-  params = merge_params(pruned, trained)
-  check_params(params, config)
-  return config, params
 
 
 # ------------------------------------------------------------- training checkpoints

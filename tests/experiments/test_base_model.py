@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
 from lfpr_jax.training import optim
 from tests.conftest import REPO
@@ -35,7 +36,7 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   assert (tmp_path / "lfpr" / "sum_0.4" / "cfg.txt").read_text().count("\n") == 2
   # The delta plus the base model rebuild the saved retrained model exactly.
   config, params = checkpointing.load_model(str(tmp_path / "lfpr" / "sum_0.4" / "model"))
-  dconfig, dparams = checkpointing.load_delta(str(tmp_path / "lfpr" / "sum_0.4" / "delta"),
+  dconfig, dparams = delta.load_delta(str(tmp_path / "lfpr" / "sum_0.4" / "delta"),
                                               str(tmp_path / "base_model"))
   assert dconfig == config and config.learnable_masks
   for k, v in optim.flat(params).items():

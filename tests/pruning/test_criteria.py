@@ -1,5 +1,5 @@
-"""Importance criteria (LFPR.md §8) on small shapes: registry, label check, l1, alg,
-fisher and lfpr behind one interface."""
+"""Importance criteria (LFPR.md §3, §8) on small shapes: registry, label check, l1, the
+labelled and label-free mask gradients, alg post-processing."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from lfpr_jax.pruning import criteria
-from lfpr_jax.pruning import scoring as importance
+from lfpr_jax.pruning import scoring
 from lfpr_jax.pruning import selection
-from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.losses import m4c_decoding_bce
-from lfpr_jax.models.params import abstract_params
+from lfpr_jax.models.decoding import greedy_decode_reference
+from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
-from tests.helpers import TINY, model_batch, random_batch, random_params
+from tests.helpers import TINY, labelled_batch, model_batch, random_params
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,6 @@ def small_model():
 
 # One compiled per-batch gradient shared by the tests (same model, shapes and keys).
 GRADS = jax.jit(criteria.loss_mask_grads, static_argnums=0)
-
-
-def labelled_batch(batch_size: int, seed: int) -> dict:
-  """Model inputs with ground-truth teacher forcing, targets, has_answers."""
-  raw = random_batch(TINY, batch_size, seed)
-  rng = np.random.default_rng(seed)
-  raw["targets"] = (rng.random(raw["targets"].shape) < 0.05).astype(np.float32)
-  raw["train_loss_mask"] = (np.arange(TINY.decode_steps)[None]
-                            < rng.integers(1, TINY.decode_steps + 1, (batch_size, 1))
-                            ).astype(np.float32)
-  out = {k: np.asarray(v) for k, v in model_inputs(raw, TINY, with_targets=True).items()}
-  out["has_answers"] = np.ones(batch_size, bool)
-  return out
 
 
 # ------------------------------------------------------------------------ registry
@@ -53,12 +40,19 @@ def test_registry_and_errors(small_model):
   for bad in ("L1", "taylor", "", None, 3):
     with pytest.raises(ValueError, match="valid criteria: lfpr, l1, alg, fisher, owo"):
       criteria.get_criterion(bad)
+  assert all(isinstance(criteria.get_criterion(n), criteria.REGISTRY[n])
+             for n in criteria.CRITERIA)
+  lfpr = criteria.get_criterion("lfpr", t_star=2, bos_index=1, dropout=True)
+  assert (lfpr.t_star, lfpr.dropout, lfpr.per_sample) == (2, True, False)
+  assert criteria.get_criterion(lfpr) is lfpr
+  with pytest.raises(ValueError, match="takes the options"):
+    criteria.get_criterion("fisher", t_star=1)
   owo = criteria.get_criterion("owo")
   assert not owo.defined
   model, params = small_model
   for exc in (NotImplementedError, ValueError):
     with pytest.raises(exc, match="'owo' is not defined.*§8.5"):
-      criteria.compute_scores("owo", model, params, [labelled_batch(4, 0)])
+      scoring.compute("owo", model, params, [labelled_batch(4, 0)])
 
 
 def test_check_labels():
@@ -77,27 +71,6 @@ def test_check_labels():
     criteria.check_labels(name, False)      # label-free: anything goes
   with pytest.raises(ValueError, match="label-free criterion \\(lfpr, l1\\)"):
     criteria.check_labels("fisher", {"has_answers": np.zeros(4, bool)})
-
-
-def test_labelled_criterion_refuses_unlabelled_batches_before_work(small_model,
-                                                                   monkeypatch):
-  model, params = small_model
-  calls = []
-
-  def spy(*args, **kwargs):
-    def fn(params, batch):
-      calls.append(1)
-      raise AssertionError("gradients computed on unlabelled data")
-    return fn
-  monkeypatch.setattr(criteria, "make_loss_grads_fn", spy)
-  batch = labelled_batch(4, 0)
-  batch["has_answers"] = np.array([True, False, True, True])
-  with pytest.raises(ValueError, match="'alg' needs ground-truth answers.*batch 0"):
-    criteria.compute_scores("alg", model, params, [batch])
-  del batch["has_answers"]
-  with pytest.raises(ValueError, match="has_answers"):
-    criteria.compute_scores("fisher", model, params, [batch])
-  assert not calls
 
 
 # ---------------------------------------------------------------------------- l1
@@ -124,7 +97,7 @@ def test_l1_against_pytorch_layout_hand_computation(small_model):
     for n in range(16):
       np.testing.assert_allclose(ffn[i, n], np.abs(w1[n, :]).sum() + np.abs(w2[:, n]).sum(),
                                  rtol=1e-6)
-  out = criteria.compute_scores("l1", model, params)   # no data needed
+  out = scoring.compute("l1", model, params)   # no data needed
   np.testing.assert_array_equal(out.head, head)
   assert out.head_grads is None and out.num_samples == 0
   assert selection.select_sum(out.head, out.ffn, 0.5, config=TINY).heads >= 1
@@ -173,11 +146,11 @@ def test_group_grads_and_padding(small_model):
   model, params = small_model
   batch = labelled_batch(8, 2)
   batch["weight"] = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)   # last row padding
-  fn = criteria.make_loss_grads_fn(model, group_size=4)
-  assert criteria.make_loss_grads_fn(model, group_size=4) is fn   # cached
-  gh, gf, rows = (np.asarray(x) for x in fn(params, batch))
+  crit = criteria.get_criterion("fisher")
+  assert not crit.per_sample
+  fn = jax.jit(crit.grads_fn(model, group_size=4))
+  gh, gf = (np.asarray(x) for x in fn(params, batch, None))
   assert gh.shape == (2, 2, 2) and gf.shape == (2, 2, 16)
-  np.testing.assert_array_equal(rows, [4, 3])
   # A padding row adds no loss and no supervised steps: as if its loss mask were 0
   # (samples do not interact in eval mode, so = the batch of the 3 real rows).
   sub = lambda sl: {k: jnp.asarray(v[sl]) for k, v in batch.items() if k != "weight"}
@@ -189,46 +162,6 @@ def test_group_grads_and_padding(small_model):
     np.testing.assert_allclose(gf[g], want[g][1], rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="not a multiple of group_size"):
     criteria.group_loss_mask_grads(model, params, batch, group_size=3)
-
-
-def test_alg_and_fisher_accumulate_per_batch_gradients(small_model):
-  model, params = small_model
-  batches = [labelled_batch(8, 10 + i) for i in range(2)]
-  batches[1]["weight"] = np.array([1] * 5 + [0] * 3, np.float32)   # partial last batch
-  batches[1]["has_answers"][5:] = False                           # padding: unchecked
-  mesh = criteria.parallel.make_mesh()                            # 4 CPU devices
-  fisher = criteria.compute_scores("fisher", model, params, batches, group_size=4,
-                                   mesh=mesh)
-  # The per-batch gradients, group by group (the unsharded function checked above).
-  fn = criteria.make_loss_grads_fn(model, group_size=4)
-  want_h, want_f = [], []
-  for b in batches:
-    gh, gf, rows = (np.asarray(x) for x in fn(params, criteria._with_weight(b)))
-    want_h.extend(gh[rows > 0])
-    want_f.extend(gf[rows > 0])
-  want_h, want_f = np.stack(want_h), np.stack(want_f)
-  assert fisher.head_grads.shape == (4, 2, 2) and fisher.ffn_grads.shape == (4, 2, 16)
-  np.testing.assert_allclose(fisher.head_grads, want_h, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(fisher.ffn_grads, want_f, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(fisher.head, (want_h.astype(np.float64) ** 2).sum(0),
-                             rtol=1e-4)
-  np.testing.assert_allclose(fisher.ffn, (want_f.astype(np.float64) ** 2).sum(0),
-                             rtol=1e-4)
-  assert fisher.num_samples == 13 and fisher.num_batches == 4
-
-  alg = criteria.compute_scores("alg", model, params, batches, group_size=4,
-                                normalize_by_layer=False)
-  raw_h, raw_f = np.abs(want_h).sum(0), np.abs(want_f).sum(0)
-  np.testing.assert_allclose(alg.head, raw_h, rtol=1e-4)
-  np.testing.assert_allclose(alg.ffn, raw_f, rtol=1e-4)
-  np.testing.assert_allclose(alg.head_grads, fisher.head_grads, rtol=1e-4, atol=1e-6)
-  # Default: each layer's head scores divided by the layer's L2 norm; neurons raw.
-  alg = criteria.compute_scores("alg", model, params, batches, group_size=4)
-  np.testing.assert_allclose(alg.head, raw_h / np.linalg.norm(raw_h, axis=1,
-                                                               keepdims=True), rtol=1e-4)
-  np.testing.assert_allclose(np.linalg.norm(alg.head, axis=1), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(alg.ffn, raw_f, rtol=1e-4)
-  assert alg.options["normalize_by_layer"] and not alg.options["global_minmax"]
 
 
 def test_postprocess_alg():
@@ -244,80 +177,53 @@ def test_postprocess_alg():
   assert head[0, 0] == 3.0   # inputs untouched
 
 
-# ------------------------------------------------------------------------- lfpr
+# ------------------------------------------------------------- label-free (LFPR)
 
 
-def test_lfpr_criterion_delegates_to_importance(small_model, monkeypatch):
-  """`lfpr` = importance.py's per-sample gradients, accumulated as upstream, with
-  the faithful per-batch gradients kept (the gradients themselves are tested in
-  test_lfpr.py)."""
-  model, params = small_model
-  batches = []
-  for i in range(2):
-    b = {k: np.asarray(v) for k, v in model_batch(TINY, 4, seed=20 + i).items()}
-    b["question_id"] = np.arange(4 * i, 4 * i + 4, dtype=np.int32)
-    batches.append(b)
-  batches[1]["weight"] = np.array([1, 1, 1, 0], np.float32)
-  seen = []
-  real = importance.make_grads_fn
-
-  def spy(*args, **kwargs):
-    fn = real(*args, **kwargs)
-
-    def wrapped(*a):
-      out = fn(*a)
-      seen.append([np.asarray(x) for x in out])
-      return out
-    return wrapped
-  monkeypatch.setattr(importance, "make_grads_fn", spy)
-  out = criteria.compute_scores("lfpr", model, params, batches, group_size=2,
-                                t_star=0, bos_index=1)
-  acc = importance.ImportanceAccumulator((2, 2), (2, 16), group_size=2)
-  gs_h = []
-  for (_, gh, gf), keep in zip(seen, ([0, 1, 2, 3], [0, 1, 2])):
-    assert gh.shape == (4, 2, 2)
-    acc.add_samples(gh[keep], gf[keep], np.arange(len(keep)))
-    gs_h.extend(gh[keep])
-  imp = acc.result(0)
-  np.testing.assert_allclose(out.head, imp.head, rtol=1e-6)
-  np.testing.assert_allclose(out.ffn, imp.ffn, rtol=1e-6)
-  assert out.head_grads.shape == (4, 2, 2) and out.num_samples == 7
-  gs_h = np.stack(gs_h)
-  want = np.stack([gs_h[0:2].sum(0), gs_h[2:4].sum(0), gs_h[4:6].sum(0), gs_h[6]])
-  np.testing.assert_allclose(out.head_grads, want, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose((out.ffn_grads.astype(np.float64) ** 2).sum(0), out.ffn,
-                             rtol=1e-4)
-  assert np.abs(out.head_grads).max() > 0
-  assert out.options == {"group_size": 2, "t_star": 0, "dropout": False}
-  with pytest.raises(ValueError, match="t_star and bos_index"):
-    criteria.compute_scores("lfpr", model, params, batches)
-  with pytest.raises(ValueError, match="pass batches"):
-    criteria.compute_scores("fisher", model, params)
+@pytest.fixture(scope="module")
+def ptr_model():
+  params = init_params(TINY, jax.random.key(3))
+  # Larger pointer queries so that OCR copies win some steps, as in the golden model.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 4 if "ocr_ptr_net" in jax.tree_util.keystr(p) else x, params)
+  return TAP(TINY), params
 
 
-def test_recording_accumulator_partial_group():
-  rng = np.random.default_rng(0)
-  gh, gf = rng.normal(size=(5, 2, 3)), rng.normal(size=(5, 2, 4))
-  acc = criteria.RecordingImportanceAccumulator((2, 3), (2, 4), group_size=2)
-  acc.add_samples(gh[:3], gf[:3], np.arange(3))
-  acc.add_samples(gh[3:], gf[3:], np.arange(3, 5))
-  imp = acc.result(0)
-  bh, bf = acc.batch_grads()
-  np.testing.assert_allclose(bh, np.stack([gh[:2].sum(0), gh[2:4].sum(0), gh[4]]),
-                             rtol=1e-6)
-  np.testing.assert_allclose((bh.astype(np.float64) ** 2).sum(0), imp.head, rtol=1e-6)
-  np.testing.assert_allclose((bf.astype(np.float64) ** 2).sum(0), imp.ffn, rtol=1e-6)
+@pytest.mark.parametrize("t_star", [0, 2])
+def test_per_sample_grads_equal_upstream_structure(ptr_model, t_star):
+  """vmap(grad) through the cached decoder equals grad of upstream's last pass
+  (t*+1 full passes, earlier passes only feed argmaxes), sample by sample."""
+  model, params = ptr_model
+  inputs = model_batch(TINY, 4)
+  w = jnp.array([1.0, 1.0, 1.0, 0.0])
+  values, gh, gf = jax.jit(lambda x, w: criteria.per_sample_mask_grads(
+      model, params, x, w, t_star=t_star, bos_index=1))(inputs, w)
+  ones = (jnp.ones((2, 2)), jnp.ones((2, 16)))
+
+  def upstream(h, f, x):
+    scores, _ = greedy_decode_reference(model, {"params": params}, x,
+                                        num_steps=t_star + 1, head_mask=h, ffn_mask=f)
+    return jnp.sum(jnp.max(scores[:, t_star], axis=-1))
+  upstream_grad = jax.jit(jax.value_and_grad(upstream, argnums=(0, 1)))
+  for i in range(4):
+    xi = jax.tree.map(lambda a: a[i:i + 1], inputs)
+    v, (rh, rf) = upstream_grad(*ones, xi)
+    scale = float(w[i])
+    np.testing.assert_allclose(values[i], scale * v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gh[i], scale * rh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gf[i], scale * rf, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(gh[:3])).max() > 0   # the test can fail: grads are non-zero
 
 
-def test_scores_save_load(tmp_path):
-  s = criteria.CriterionScores("fisher", np.ones((2, 2)), np.ones((2, 3)),
-                               np.zeros((4, 2, 2), np.float32),
-                               np.zeros((4, 2, 3), np.float32), num_samples=9,
-                               options={"group_size": 8})
-  s.save(str(tmp_path / "s.npz"))
-  back = criteria.CriterionScores.load(str(tmp_path / "s.npz"))
-  assert back.criterion == "fisher" and back.num_batches == 4 and back.num_samples == 9
-  assert back.options == {"group_size": 8}
-  l1 = criteria.CriterionScores("l1", np.ones((2, 2)), np.ones((2, 3)))
-  l1.save(str(tmp_path / "l1.npz"))
-  assert criteria.CriterionScores.load(str(tmp_path / "l1.npz")).head_grads is None
+def test_group_grads_are_sums_of_sample_grads(ptr_model):
+  """Invariant 3: with dropout rates 0, a batch's gradient = sum of per-sample ones."""
+  model, params = ptr_model
+  inputs = model_batch(TINY, 8, seed=5)
+  w = jnp.ones(8)
+  _, gh, gf = jax.jit(lambda x, w: criteria.per_sample_mask_grads(
+      model, params, x, w, t_star=1, bos_index=1))(inputs, w)
+  _, Gh, Gf = jax.jit(lambda x, w: criteria.group_mask_grads(
+      model, params, x, w, jax.random.key(0), t_star=1, bos_index=1, group_size=4))(
+          inputs, w)
+  np.testing.assert_allclose(Gh, gh.reshape(2, 4, 2, 2).sum(1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(Gf, gf.reshape(2, 4, 2, 16).sum(1), rtol=1e-4, atol=1e-5)

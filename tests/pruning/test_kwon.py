@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfpr_jax.pruning import criteria
 from lfpr_jax.pruning import kwon
+from lfpr_jax.pruning import scoring
 from lfpr_jax.pruning import selection
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
@@ -25,13 +25,23 @@ TAP_CONFIG = TapConfig.tap()
 # ------------------------------------------------------------------ FLOPs costs
 
 
+def mac_per_head(seq_len: int, hidden_size: int, head_dim: int) -> int:
+  """Kwon's MACs of one head: Q, K, V, output projections 4·s·d·dh + attention 2·s²·dh."""
+  return 4 * seq_len * hidden_size * head_dim + 2 * seq_len * seq_len * head_dim
+
+
+def mac_per_neuron(seq_len: int, hidden_size: int) -> int:
+  """Kwon's MACs of one FFN neuron: 2·s·d."""
+  return 2 * seq_len * hidden_size
+
+
 def test_flops_costs_of_tap():
   costs = selection.flops_costs(TAP_CONFIG)
   assert costs.seq_len == 382 == 170 + 100 + 100 + 12
   assert costs.head == 4 * 382 * 768 * 64 + 2 * 382 ** 2 * 64 == 93_782_528
   assert costs.neuron == 2 * 382 * 768 == 586_752
-  assert costs.head == kwon.mac_per_head(382, 768, 64)
-  assert costs.neuron == kwon.mac_per_neuron(382, 768)
+  assert costs.head == mac_per_head(382, 768, 64)
+  assert costs.neuron == mac_per_neuron(382, 768)
   assert costs.search_constant == 0 and costs.layer == 0 and costs.unit == "flops"
   assert costs.params == selection.param_costs(TAP_CONFIG)
   assert costs.layer_cost(12, 3072) == 12 * 93_782_528 + 3072 * 586_752
@@ -258,25 +268,27 @@ def test_tuning_stats_match_explicit_least_squares(tuning_setup):
   def run():
     _, inter = model.apply({"params": params}, batch, head_mask=sh, ffn_mask=sf,
                            mutable=["intermediates"])
-    x0, mask, enc_valid = model.apply({"params": params}, batch,
-                                      method=kwon._mmt_inputs)
+    x0, mask, enc = model.apply({"params": params}, batch, method=TAP.mmt_inputs)
 
     def chain(h, f):
       x, parts = x0, []
       for i in range(2):
-        parts.append(kwon.layer_parts(params[f"mmt_layer_{i}"], x, mask, h[i], f[i],
-                                      TINY.head_dim))
+        parts.append(kwon.layer_parts(model, params[f"mmt_layer_{i}"], x, mask, h[i],
+                                      f[i]))
         x = parts[-1]["out"]
       return [x0] + [p["out"] for p in parts], parts
-    return inter["intermediates"], chain(th, tf), chain(sh, sf), enc_valid
+    return inter["intermediates"], chain(th, tf), chain(sh, sf), enc["enc_valid"]
   inter, (_, t_parts), (s_in, s_parts), enc_valid = run()
   for i in range(2):   # the hand-written layers reproduce the model
     np.testing.assert_allclose(s_in[i + 1], inter[f"mmt_out_{i}"][0], rtol=1e-4,
                                atol=1e-4)
+    # The per-head outputs split the attention sum: Σ_h per_head + b_O + x.
+    bias = params[f"mmt_layer_{i}"]["attention"]["out"]["bias"]
+    np.testing.assert_allclose(s_parts[i]["per_head"].sum(1) + bias + s_in[i],
+                               s_parts[i]["attn_sum"], rtol=1e-4, atol=1e-4)
 
   layer = 1
-  stats = kwon._stats_fn(model, None, True)(params, batch, th, tf, sh, sf,
-                                            jnp.asarray(layer))
+  stats = kwon.make_stats_fn(model)(params, batch, th, tf, sh, sf, jnp.asarray(layer))
   c = TINY
   start = c.encoder_len - c.ocr_max
   w = np.asarray(batch["weight"])
@@ -368,7 +380,7 @@ def test_retraining_free_pipeline(tuning_setup):
   rng = np.random.default_rng(4)
   head_grads = rng.normal(size=(6, 2, 2)).astype(np.float32)
   ffn_grads = rng.normal(size=(6, 2, 16)).astype(np.float32)
-  scores = criteria.CriterionScores(
+  scores = scoring.Scores(
       "fisher", (head_grads.astype(np.float64) ** 2).sum(0),
       (ffn_grads.astype(np.float64) ** 2).sum(0), head_grads, ffn_grads)
   out = kwon.retraining_free(model, params, scores, 0.5, batches=batches)
@@ -381,7 +393,7 @@ def test_retraining_free_pipeline(tuning_setup):
       (out.head_mask != 0).astype(np.float32),
       kwon.rearrange_masks(sel.head_mask, head_grads))
   assert out.rearranged and out.tuning is not None
-  l1 = criteria.CriterionScores("l1", scores.head, scores.ffn)
+  l1 = scoring.Scores("l1", scores.head, scores.ffn)
   with pytest.raises(ValueError, match="per-batch gradients"):
     kwon.retraining_free(model, params, l1, 0.5, batches=batches)
   plain = kwon.retraining_free(model, params, l1, 0.5, rearrange=False, tune=False,

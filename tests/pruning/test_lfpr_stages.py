@@ -1,4 +1,4 @@
-"""LFPR stages on small shapes: t*, importance, pseudo-labels, ReSt (data parallel,
+"""LFPR stages on small shapes: pseudo-labels, ReSt (data parallel,
 resume, frozen set, non-finite loss), delta checkpoints and config checks."""
 
 from __future__ import annotations
@@ -6,15 +6,14 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.synthetic import get_config
 from configs import common as schedules
 from lfpr_jax.data import prepare
+from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
-from lfpr_jax.pruning import scoring as importance
 from lfpr_jax.experiments import lfpr
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
@@ -24,116 +23,9 @@ from lfpr_jax.training import loop
 from lfpr_jax.training import optim
 from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings, make_loader
-from lfpr_jax.models.decoding import greedy_decode_reference
-from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
 from lfpr_jax.models.tap import TAP
-from tests.helpers import TINY, model_batch
-
-
-# ----------------------------------------------------------------------------- t*
-
-
-def test_t_star_percentile_then_truncate():
-  assert importance.t_star_of(np.array([0, 1]), 12) == 0        # median 0.5 -> 0
-  assert importance.t_star_of(np.array([1, 2, 2, 3]), 12) == 2
-  assert importance.t_star_of(np.array([3, 1, 2, 2, 9]), 12) == 2
-  with pytest.raises(ValueError, match="t\\* must be"):
-    importance.check_t_star(12, 12)
-  with pytest.raises(ValueError, match="at least one"):
-    importance.t_star_of(np.array([]), 12)
-
-
-def test_first_max_step_ties_and_batch_search():
-  s = np.zeros((2, 3, 4), np.float32)
-  s[0, 1, 2] = s[0, 2, 0] = 5.0          # tie inside sample 0: first in (t, c) order
-  s[1, 2, 3] = 5.0                        # sample 1's max equals sample 0's
-  s[1, 0, 0] = 1.0
-  np.testing.assert_array_equal(importance.first_max_steps(jnp.asarray(s)), [1, 2])
-  # Upstream's whole-batch search finds sample 0's value first for sample 1 too.
-  np.testing.assert_array_equal(
-      importance.first_max_steps(jnp.asarray(s), batch_search=True), [1, 1])
-
-
-# ------------------------------------------------------------------- importance
-
-
-@pytest.fixture(scope="module")
-def small_model():
-  params = init_params(TINY, jax.random.key(3))
-  # Larger pointer queries so that OCR copies win some steps, as in the golden model.
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x * 4 if "ocr_ptr_net" in jax.tree_util.keystr(p) else x, params)
-  return TAP(TINY), params
-
-
-@pytest.mark.parametrize("t_star", [0, 2])
-def test_per_sample_grads_equal_upstream_structure(small_model, t_star):
-  """vmap(grad) through the cached decoder equals grad of upstream's last pass
-  (t*+1 full passes, earlier passes only feed argmaxes), sample by sample."""
-  model, params = small_model
-  inputs = model_batch(TINY, 4)
-  w = jnp.array([1.0, 1.0, 1.0, 0.0])
-  values, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
-      model, params, x, w, t_star=t_star, bos_index=1))(inputs, w)
-  ones = (jnp.ones((2, 2)), jnp.ones((2, 16)))
-
-  def upstream(h, f, x):
-    scores, _ = greedy_decode_reference(model, {"params": params}, x,
-                                        num_steps=t_star + 1, head_mask=h, ffn_mask=f)
-    return jnp.sum(jnp.max(scores[:, t_star], axis=-1))
-  upstream_grad = jax.jit(jax.value_and_grad(upstream, argnums=(0, 1)))
-  for i in range(4):
-    xi = jax.tree.map(lambda a: a[i:i + 1], inputs)
-    v, (rh, rf) = upstream_grad(*ones, xi)
-    scale = float(w[i])
-    np.testing.assert_allclose(values[i], scale * v, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gh[i], scale * rh, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gf[i], scale * rf, rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(gh[:3])).max() > 0   # the test can fail: grads are non-zero
-
-
-def test_group_grads_are_sums_of_sample_grads(small_model):
-  """Invariant 3: with dropout rates 0, a batch's gradient = sum of per-sample ones."""
-  model, params = small_model
-  inputs = model_batch(TINY, 8, seed=5)
-  w = jnp.ones(8)
-  _, gh, gf = jax.jit(lambda x, w: importance.per_sample_mask_grads(
-      model, params, x, w, t_star=1, bos_index=1))(inputs, w)
-  _, Gh, Gf = jax.jit(lambda x, w: importance.group_mask_grads(
-      model, params, x, w, jax.random.key(0), t_star=1, bos_index=1, group_size=4))(
-          inputs, w)
-  np.testing.assert_allclose(Gh, gh.reshape(2, 4, 2, 2).sum(1), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(Gf, gf.reshape(2, 4, 2, 16).sum(1), rtol=1e-4, atol=1e-5)
-
-
-def test_accumulator_per_batch_and_per_sample():
-  rng = np.random.default_rng(0)
-  gh, gf = rng.normal(size=(10, 2, 3)), rng.normal(size=(10, 2, 5))
-  acc = importance.ImportanceAccumulator((2, 3), (2, 5), group_size=4)
-  acc.add_samples(gh[:3], gf[:3], np.arange(3))      # a group spans two calls
-  acc.add_samples(gh[3:], gf[3:], np.arange(3, 10))
-  imp = acc.result(t_star=1)
-  groups = [slice(0, 4), slice(4, 8), slice(8, 10)]  # the last group is partial
-  np.testing.assert_allclose(imp.head, sum(gh[g].sum(0) ** 2 for g in groups))
-  np.testing.assert_allclose(imp.ffn, sum(gf[g].sum(0) ** 2 for g in groups))
-  np.testing.assert_allclose(imp.head_per_sample, (gh ** 2).sum(0))
-  assert imp.num_samples == 10 and list(imp.question_ids) == list(range(10))
-  with pytest.raises(ValueError, match="all importances are zero"):
-    importance.ImportanceAccumulator((1, 1), (1, 1)).result(0)
-  with pytest.raises(ValueError, match="not finite"):
-    importance.check_importance(np.array([[np.nan]]), np.ones((1, 1)))
-
-
-def test_importance_save_load(tmp_path):
-  imp = importance.Importance(np.ones((2, 2)), np.ones((2, 3)), None, None, 1, 8, 5,
-                              np.arange(5))
-  imp.save(str(tmp_path / "i.npz"))
-  back = importance.Importance.load(str(tmp_path / "i.npz"))
-  assert back.head_per_sample is None and back.t_star == 1
-  with pytest.raises(ValueError, match="per-sample"):
-    back.scores(per_sample=True)
 
 
 # ------------------------------------------------------------- schedules, subsets
@@ -314,15 +206,15 @@ def test_delta_rebuilds_the_retrained_model(tiny, tmp_path):
   checkpointing.save_model(base, tiny["data"].model_config, tiny["params"])
   sha = checkpointing.params_sha256(tiny["params"])
   trainable = rest.trainable_params(retrained, tiny["pruned_config"], 1)
-  checkpointing.save_delta(str(tmp_path / "delta"), trainable=trainable,
+  delta.save_delta(str(tmp_path / "delta"), trainable=trainable,
                            pruned_config=tiny["pruned_config"],
                            head_mask=tiny["masks"][0], ffn_mask=tiny["masks"][1],
                            base_sha256=sha)
-  config, params = checkpointing.load_delta(str(tmp_path / "delta"), base)
+  config, params = delta.load_delta(str(tmp_path / "delta"), base)
   assert config == tiny["pruned_config"]
   _assert_trees(params, retrained, rtol=0, atol=0)
   other = str(tmp_path / "other")
   checkpointing.save_model(other, tiny["data"].model_config,
                            init_params(tiny["data"].model_config, jax.random.key(9)))
   with pytest.raises(ValueError, match="not the base model"):
-    checkpointing.load_delta(str(tmp_path / "delta"), other)
+    delta.load_delta(str(tmp_path / "delta"), other)
