@@ -50,6 +50,19 @@ def prune_section(**overrides) -> ml_collections.ConfigDict:
       dropout=False,             # faithful: dropout on while scoring
       tstar_batch_search=False,  # faithful quirk: first hit over the whole batch
       t_star=-1,                 # >= 0: skip the search and use this step
+      cost="params",             # the budget's unit: "params", "flops" or "latency"
+      latency_batch=1,           # "latency": the batch the device table is timed at
+      round_to=0,                # FFN widths kept at multiples of this (0: any)
+  ))
+  section.update(overrides)
+  return section
+
+
+def speed_section(**overrides) -> ml_collections.ConfigDict:
+  """`config.speed`: measured greedy decoding of every model in the results table."""
+  section = ml_collections.ConfigDict(dict(
+      batch_sizes=(1, 32),       # latency at the first, throughput at the second
+      repeats=5,                 # timed calls per figure (median)
   ))
   section.update(overrides)
   return section
@@ -115,5 +128,6 @@ def real_data_config(model: str, dataset: str, arg: str | None = None
     config.prune.constraints = (float(arg),)
   config.rest = rest_section(model, dataset)
   config.eval = ml_collections.ConfigDict(dict(batch_size=32))
+  config.speed = speed_section()
   config.progress = True
   return config

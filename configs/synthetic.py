@@ -10,7 +10,7 @@ smoke variant. Run history and per-type figures: results/synthetic/HISTORY.md.
 
 import ml_collections
 
-from configs import common as schedules
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,10 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # LFPR (issue 5): score, prune to 40% of the MMT, ReSt with TAP/TextVQA's schedule.
   config.base_model = ""       # empty: <workdir>/base_model, trained when missing
-  config.prune = schedules.prune_section(constraints=(0.4,), num_samples=1024,
+  config.prune = common.prune_section(constraints=(0.4,), num_samples=1024,
                                          batch_size=32)
-  config.rest = schedules.rest_section("tap", "textvqa", ckpt_every=200)
+  config.rest = common.rest_section("tap", "textvqa", ckpt_every=200)
   config.eval = ml_collections.ConfigDict(dict(batch_size=64))
+  config.speed = common.speed_section()
   config.progress = True
 
   if arg == "tiny":
@@ -58,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.prune.update(num_samples=40, batch_size=16)
     config.rest.update(ckpt_every=4, schedule=((0.4, 73, 1),))
     config.eval.update(batch_size=32)
+    config.speed.update(batch_sizes=(1, 16), repeats=2)
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'.")
   return config

@@ -98,19 +98,20 @@ def run(main_fn: Callable[[Sequence[str] | None], int | None],
   except UsageError as e:
     if debug:
       raise
-    _fail(message(e), 2)
+    fail(message(e), 2)
   except USER_ERRORS as e:
     if debug:
       raise
-    _fail(message(e), 1)
+    fail(message(e), 1)
   except KeyboardInterrupt:
     if debug:
       raise
-    _fail("interrupted", 130)
+    fail("interrupted", 130)
   return 0 if status is None else int(status)
 
 
-def _fail(text: str, status: int) -> NoReturn:
+def fail(text: str, status: int) -> NoReturn:
+  """Prints `error: <text>` (one line) to stderr and exits with `status`."""
   print(f"error: {text}", file=sys.stderr)
   sys.stderr.flush()
   raise SystemExit(status)

@@ -39,13 +39,16 @@ the sparse PHOC rows and targets are zlib-compressed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as pylogging
 import glob
 import hashlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -134,6 +137,10 @@ class TapTextVqa(tfds.core.GeneratorBasedBuilder):
   Configs are made at build time (`make_config`), one per (dataset, split), so that each
   split is built, fingerprinted and reused on its own.
   """
+
+  def _log_download_done(self) -> None:
+    # TFDS prints "downloaded and prepared" in bold; nothing was downloaded here.
+    logging.info("built %s", self.data_dir)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "TAP.md §3.2 examples with collated cmb_text."}
@@ -384,6 +391,24 @@ def default_built_dir(root: str | os.PathLike, dataset: str) -> str:
   return os.path.join(os.fspath(root), BUILT_SUBDIR, dataset)
 
 
+class _DropCustomConfig(pylogging.Filter):
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+@contextlib.contextmanager
+def _quiet_custom_config_warning() -> Iterator[None]:
+  """TFDS warns with the whole builder config for every config made at build time
+  (ours all are); that dump says nothing to a user, so it is dropped here."""
+  logger = logging.get_absl_logger()
+  f = _DropCustomConfig()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def dataset_dir(out_dir: str | os.PathLike, dataset: str, split: str) -> str:
   """Where `build_dataset` puts one split."""
   return os.path.join(os.fspath(out_dir), BUILDER_NAME, f"{dataset}_{split}",
@@ -453,10 +478,11 @@ def build_dataset(data_dir: str | os.PathLike | None,
       shutil.rmtree(target)
     if reason and resources is None:
       resources = samples.load_resources(layout, config.fasttext_dim)
-    builder = TapTextVqa(
-        config=make_config(layout, split, config, fingerprint=fingerprint,
-                           progress=progress, resources=resources),
-        data_dir=out_dir)
+    with _quiet_custom_config_warning():
+      builder = TapTextVqa(
+          config=make_config(layout, split, config, fingerprint=fingerprint,
+                             progress=progress, resources=resources),
+          data_dir=out_dir)
     if reason:
       download_dir = os.path.join(out_dir, BUILDER_NAME, ".downloads")
       builder.download_and_prepare(file_format=FILE_FORMAT, download_dir=download_dir)

@@ -153,3 +153,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       json.dump({**summary, "history": history}, f, indent=1)
     os.replace(tmp, os.path.join(workdir, f"{out_name}.json"))
   return summary
+
+
+def question_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The image-blind ablation's summary (trained once per workdir, then reused)."""
+  name = "question_only_model"
+  summary_path = os.path.join(workdir, f"{name}.json")
+  if os.path.exists(os.path.join(workdir, name, checkpointing.ARCH_FILE)) and (
+      os.path.exists(summary_path)):
+    with open(summary_path) as f:
+      return json.load(f)
+  return train_and_evaluate(config, workdir, question_only=True)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """One line: the model's val metrics, steps, time and size."""
+  metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["val_metrics"].items())
+  return (f"{summary['model']}: val {metrics} on {summary['val_examples']} questions "
+          f"after {summary['steps']} steps ({summary['train_seconds']:.0f} s), "
+          f"{summary['num_params']:,} parameters")

@@ -22,6 +22,7 @@ DATASETS = ("synthetic", "textvqa", "stvqa")
 SPLITS = ("train", "val", "test")
 RESTORATIONS = ("none", "rest", "finetune", "kwon")
 HEURISTICS = ("sum", "thre")
+COSTS = ("params", "flops", "latency")
 
 
 def _schedule_ok(schedule) -> bool:
@@ -48,6 +49,12 @@ def _check_prune_rest(c: Checker) -> None:
     c.problems.append(f"prune.batch_size={bs}: expected a multiple of "
                       f"prune.group_size={gs} (the faithful per-batch score squares "
                       "the gradient of each group)")
+  c.one_of("prune.cost", COSTS)
+  c.int_at_least("prune.latency_batch", 1)
+  c.int_at_least("prune.round_to", 0)
+  if c.get("prune.heuristic") == "thre" and c.get("prune.round_to"):
+    c.problems.append("prune.round_to: applies to the 'sum' heuristic (a budget); "
+                      "expected 0 with prune.heuristic='thre'")
   c.check("rest.schedule", _schedule_ok,
           "rows (constraint, retrain % in (0, 100], trailing layers k >= 0)")
   c.check("rest.thre_schedule", _schedule_ok,
@@ -134,6 +141,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c.positive("optim.clip_norm")
     c.int_at_least("optim.warmup_steps", 0)
   c.int_at_least("eval.batch_size", 1)
+  c.check("speed.batch_sizes", lambda v: len(v) == 2 and all(
+      isinstance(b, int) and b >= 1 for b in v),
+          "two batch sizes >= 1 (latency, throughput)")
+  c.int_at_least("speed.repeats", 1)
   _check_prune_rest(c)
   if c.get("sweep") is not None:
     _check_sweep(c)
@@ -165,6 +176,11 @@ def check_against_model(config: ml_collections.ConfigDict, model: TapConfig) -> 
     schedule, used = config.rest.thre_schedule, set(map(float, config.prune.percentiles))
   if "sweep" in config:
     used |= set(map(float, config.sweep.constraints))
+  round_to = config.prune.round_to
+  widths = sorted(set(model.mmt_ffn))
+  if round_to and any(w % round_to for w in widths):
+    c.problems.append(f"prune.round_to={round_to}: expected a divisor of the model's "
+                      f"FFN width {widths} (e.g. 8, 64, 128 for 3072)")
   too_deep = sorted({int(k) for v, _, k in schedule
                      if float(v) in used and int(k) > model.mmt_layers})
   if too_deep:

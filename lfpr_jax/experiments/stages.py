@@ -302,3 +302,11 @@ class Checker:
 
 
 _MISSING = object()
+
+
+def depends_on(config: ml_collections.ConfigDict, stage_list: Sequence[Stage],
+               name: str) -> dict[str, Any]:
+  """The config values stage `name`'s outputs are a function of (its own keys and
+  those of every stage it reads)."""
+  keys = _closure(stage_list)[name]
+  return select_keys(flat_config(config), keys)

@@ -25,26 +25,28 @@ import platform
 import time
 from typing import Any, Optional
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from lfpr_jax.pruning import criteria
-from lfpr_jax.pruning import kwon
-from lfpr_jax.experiments import lfpr
-from lfpr_jax.pruning import pseudo_labels
-from lfpr_jax.pruning import rest
-from lfpr_jax.pruning import scoring
-from lfpr_jax.pruning import selection
-from lfpr_jax.pruning import surgery
-from lfpr_jax.training import loop
-from lfpr_jax.data.pipeline import make_loader
+from lfpr_jax import atomic
+from lfpr_jax.experiments import common, stages
 from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.params import count_params
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.pruning import (criteria, kwon, pseudo_labels, rest, scoring, selection,
+                              surgery)
+from lfpr_jax.training import loop
 
-RESTORATIONS = ("none", "rest", "finetune", "kwon")
+MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress")
+STAGES = (
+    stages.Stage("sweep scores", ("sweep/scores/*",),
+                 ("prune", "sweep.alg_normalize_by_layer"), ("t*",)),
+    stages.Stage("sweep cells", ("sweep/cells/*", "sweep/results.*",
+                                 "sweep/accuracy_vs_params.png", "sweep/metadata.json"),
+                 ("rest", "eval", "sweep"), ("sweep scores", "pseudo-labels",
+                                             "unpruned evaluation")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,78 +65,52 @@ class Cell:
 
 
 def cells_of(config: ml_collections.ConfigDict) -> list[Cell]:
-  """The grid, validated before any work (unknown names list the valid ones)."""
-  s = config.sweep
-  for name in s.criteria:
-    criteria.get_criterion(name).require_defined()
-  for name in s.restorations:
-    if name not in RESTORATIONS:
-      raise ValueError(f"unknown restoration {name!r}; valid: {list(RESTORATIONS)}.")
-  if s.cost not in selection.COST_KINDS:
-    raise ValueError(f"unknown constraint kind {s.cost!r}; valid: "
-                     f"{list(selection.COST_KINDS)}.")
-  for c in s.constraints:
-    if not 0 < c <= 1:
-      raise ValueError(f"a constraint must be in (0, 1], got {c}.")
-  if "rest" in s.restorations:
-    table = {float(c) for c, _, _ in config.rest.schedule}
-    missing = [c for c in s.constraints if float(c) not in table]
-    if missing:
-      raise ValueError(f"config.rest.schedule has no (%, k) for constraints {missing}.")
-  return [Cell(c, r, float(k)) for c in s.criteria for r in s.restorations
-          for k in s.constraints]
+  """The grid (the config is validated by `config_checks.validate` first)."""
+  sw = config.sweep
+  return [Cell(c, r, float(k)) for c in sw.criteria for r in sw.restorations
+          for k in sw.constraints]
 
 
-def _label_batches(ctx: lfpr.Context, indices: np.ndarray) -> list[dict]:
-  loader = make_loader(ctx.data.built_dir, "train", ctx.score_local, shuffle=False,
-                       drop_remainder=False, indices=indices)
-  fields = STEP_FIELDS + ("has_answers",)
-  return list(lfpr.stream(loader, local_batch=ctx.score_local, mesh=ctx.mesh,
-                          fields=fields, progress=False,
-                          num_batches=lfpr.num_global_batches(len(indices),
-                                                              ctx.score_local)))
+def label_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
+  """Global batches of labelled training examples (labelled criteria, Kwon tuning)."""
+  return list(common.batches(s, indices=indices, local_batch=s.score_local,
+                             fields=STEP_FIELDS + ("has_answers",), progress=False))
 
 
-def criterion_scores(name: str, ctx: lfpr.Context, config, sweep_dir: str
+def criterion_scores(name: str, s: common.Setup, t_star: int
                      ) -> tuple[scoring.Scores, float]:
   """Scores of one criterion on the sample set (cached); returns (scores, seconds)."""
-  path = os.path.join(sweep_dir, "scores", f"{name}.npz")
-  if os.path.exists(path):
-    logging.info("reusing %s", path)
-    with open(path + ".json") as f:
-      return scoring.Scores.load(path), json.load(f)["seconds"]
-  t0 = time.time()
-  p = config.prune
+  config, p = s.config, s.config.prune
   options: dict[str, Any] = {}
   if name == "lfpr":
-    options.update(t_star=ctx.t_star(), bos_index=ctx.data.vocab.bos_idx,
-                   dropout=p.dropout)
+    options.update(t_star=t_star, bos_index=s.data.vocab.bos_idx, dropout=p.dropout)
   if name == "alg":
     options.update(normalize_by_layer=config.sweep.alg_normalize_by_layer)
   crit = criteria.get_criterion(name, **options)
-  batches = _label_batches(ctx, ctx.samples) if crit.needs_data else None
-  scores = scoring.compute(crit, ctx.model, ctx.rep_params, batches, mesh=ctx.mesh,
+
+  def compute():
+    data = label_batches(s, s.samples) if crit.needs_data else None
+    return scoring.compute(crit, s.model, s.rep_params, data, mesh=s.mesh,
                            group_size=p.group_size, seed=config.seed)
-  seconds = round(time.time() - t0, 1)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    scores.save(path)
-    lfpr.write_json(path + ".json", {"seconds": seconds})
-  return scores, seconds
+  return stages.cached(os.path.join(s.workdir, "sweep", "scores", f"{name}.npz"),
+                       compute, depends_on={**s.depends_on("sweep scores"),
+                                            "criterion": name},
+                       save=lambda path, v: v.save(path), load=scoring.Scores.load)
 
 
-def _restore(cell: Cell, ctx: lfpr.Context, config, sel, scores, directory: str
+def _restore(cell: Cell, s: common.Setup, sel, scores, labels, directory: str
              ) -> tuple[Any, Any, dict, Optional[dict]]:
   """Runs the cell's restoration; returns (params, config, info, trainable tree)."""
-  params, pconfig = surgery.prune(ctx.base_params, ctx.base_config, sel.head_mask,
+  config = s.config
+  params, pconfig = surgery.prune(s.base_params, s.base_config, sel.head_mask,
                                   sel.ffn_mask)
   if cell.restoration == "none":
     return params, pconfig, {}, None
   if cell.restoration == "kwon":
-    s = config.sweep
-    tune_batches = _label_batches(ctx, ctx.samples[:s.kwon_tune_samples])
+    sw = config.sweep
+    tune_batches = label_batches(s, s.samples[:sw.kwon_tune_samples])
     result = kwon.retraining_free(
-        ctx.model, ctx.base_params, scores, cell.constraint, kind=s.cost,
+        s.model, s.base_params, scores, cell.constraint, kind=sw.cost,
         batches=tune_batches, rearrange=scores.head_grads is not None, tune=True)
     info = {"rearranged": result.rearranged,
             "tuning_stopped": None if result.tuning is None else
@@ -144,7 +120,7 @@ def _restore(cell: Cell, ctx: lfpr.Context, config, sel, scores, directory: str
   if cell.restoration == "rest":
     percent, layers = {float(c): (pct, k) for c, pct, k in r.schedule}[cell.constraint]
     transforms = [pseudo_labels.PseudoLabelTargets(
-        ctx.labels(), ctx.data.vocab, decode_steps=pconfig.decode_steps,
+        labels, s.data.vocab, decode_steps=pconfig.decode_steps,
         ocr_slots=pconfig.ocr_max)]
     settings = rest.RestSettings.from_config(r, percent=percent, layers=layers)
     rules = rest.trainable_rules(pconfig, layers)
@@ -154,58 +130,59 @@ def _restore(cell: Cell, ctx: lfpr.Context, config, sel, scores, directory: str
     settings = rest.RestSettings.from_config(r, percent=percent, layers=layers,
                                              lr=f.lr, mask_lr=f.lr)
     rules = [tuple(rule) for rule in f.trainable]
-  subset = pseudo_labels.subset_indices(ctx.num_train, percent, r.subset_seed)
+  subset = pseudo_labels.subset_indices(s.num_train, percent, r.subset_seed)
   retrained, summary = loop.train_subset(
       model_config=pconfig, params=params, rules=rules, settings=settings,
-      built_dir=ctx.data.built_dir, split="train", indices=subset,
+      built_dir=s.data.built_dir, split="train", indices=subset,
       transforms=transforms, directory=os.path.join(directory, "ckpt_run"),
-      mesh=ctx.mesh, rng=jax.random.fold_in(jax.random.key(config.seed), 1),
-      progress=ctx.progress)
+      mesh=s.mesh, rng=jax.random.fold_in(jax.random.key(config.seed), 1),
+      progress=s.progress)
   trainable = (rest.trainable_params(retrained, pconfig, layers)
                if cell.restoration == "rest" else retrained)
   return retrained, pconfig, {"steps": summary["steps"], "percent": percent,
                               "layers": layers}, trainable
 
 
-def run_cell(cell: Cell, ctx: lfpr.Context, config, scores, score_seconds: float,
-             sweep_dir: str) -> dict:
-  directory = os.path.join(sweep_dir, "cells", cell.name)
-  path = os.path.join(directory, "result.json")
-  if os.path.exists(path):
-    logging.info("reusing %s", path)
-    with open(path) as f:
-      return json.load(f)
-  os.makedirs(directory, exist_ok=True)
-  t0 = time.time()
-  costs = selection.constraint_costs(ctx.base_config, config.sweep.cost)
-  sel = selection.select_sum(scores.head, scores.ffn, cell.constraint, costs=costs,
-                             config=None if costs is not None else ctx.base_config,
-                             strict_budget=config.sweep.strict_budget)
-  params, pconfig, info, trainable = _restore(cell, ctx, config, sel, scores, directory)
-  restore_seconds = time.time() - t0
-  acc = lfpr.evaluate(TAP(pconfig), params, ctx.data, ctx.mesh,
-                      local_batch=ctx.eval_local, progress=ctx.progress,
-                      desc=f"eval {cell.name}")
-  n_full = count_params(params)
-  full_mb = 4 * n_full / 1e6
-  if trainable is not None and cell.restoration == "rest":
-    delta_mb = 4 * sum(np.size(x) for x in jax.tree.leaves(trainable)) / 1e6
-  elif cell.restoration == "none":
-    delta_mb = (sel.head_mask.size + sel.ffn_mask.size) / 8 / 1e6  # the selection bits
-  else:
-    delta_mb = full_mb  # every weight changed (fine-tuning) or folded masks (Kwon)
-  mmt = selection.mmt_params(pconfig)
-  row = {"cell": cell.name, "method": cell.method, "criterion": cell.criterion,
-         "restoration": cell.restoration, "constraint": cell.constraint,
-         "mmt_params": int(mmt), "mmt_kept_fraction": mmt / sel.full_params,
-         "model_params": int(n_full), "val_accuracy": acc["val_accuracy"],
-         "unpruned_val_accuracy": ctx.base_eval["val_accuracy"],
-         "device_hours": (score_seconds + restore_seconds) * jax.device_count() / 3600,
-         "score_seconds": score_seconds, "restore_seconds": round(restore_seconds, 1),
-         "full_checkpoint_mb": full_mb, "delta_checkpoint_mb": delta_mb,
-         "cfg_head": list(pconfig.mmt_heads), "cfg_ffn": list(pconfig.mmt_ffn), **info}
-  if jax.process_index() == 0:
-    lfpr.write_json(path, row)
+def run_cell(cell: Cell, s: common.Setup, scores, score_seconds: float, labels
+             ) -> dict:
+  """Selection under the sweep's cost, restoration, evaluation of one cell (cached)."""
+  config = s.config
+  directory = os.path.join(s.workdir, "sweep", "cells", cell.name)
+
+  def compute():
+    os.makedirs(directory, exist_ok=True)
+    t0 = time.time()
+    kw = (dict(config=s.base_config) if config.sweep.cost == "params"
+          else dict(costs=selection.constraint_costs(s.base_config, config.sweep.cost)))
+    sel = selection.select_sum(scores.head, scores.ffn, cell.constraint,
+                               strict_budget=config.sweep.strict_budget, **kw)
+    params, pconfig, info, trainable = _restore(cell, s, sel, scores, labels,
+                                                directory)
+    restore_seconds = time.time() - t0
+    acc = common.evaluate(TAP(pconfig), params, s, desc=f"eval {cell.name}")
+    n_full = count_params(params)
+    full_mb = 4 * n_full / 1e6
+    if trainable is not None and cell.restoration == "rest":
+      delta_mb = 4 * sum(np.size(x) for x in jax.tree.leaves(trainable)) / 1e6
+    elif cell.restoration == "none":
+      delta_mb = (sel.head_mask.size + sel.ffn_mask.size) / 8 / 1e6  # selection bits
+    else:
+      delta_mb = full_mb  # every weight changed (fine-tuning) or folded masks (Kwon)
+    mmt = selection.mmt_params(pconfig)
+    return {"cell": cell.name, "method": cell.method, "criterion": cell.criterion,
+            "restoration": cell.restoration, "constraint": cell.constraint,
+            "mmt_params": int(mmt), "mmt_kept_fraction": mmt / sel.full_params,
+            "model_params": int(n_full), "val_accuracy": acc["val_accuracy"],
+            "val_metrics": acc["val_metrics"],
+            "unpruned_val_accuracy": s.base_eval["val_accuracy"],
+            "device_hours": (score_seconds + restore_seconds) * jax.device_count()
+                            / 3600,
+            "score_seconds": score_seconds, "restore_seconds": round(restore_seconds, 1),
+            "full_checkpoint_mb": full_mb, "delta_checkpoint_mb": delta_mb,
+            "cfg_head": list(pconfig.mmt_heads), "cfg_ffn": list(pconfig.mmt_ffn),
+            **info}
+  row, _ = stages.cached(os.path.join(directory, "result.json"), compute,
+                         depends_on={**s.depends_on("sweep cells"), "cell": cell.name})
   return row
 
 
@@ -272,25 +249,29 @@ def metadata(config: ml_collections.ConfigDict) -> dict:
           "process_count": jax.process_count()}
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        invalidate: bool = False) -> list[dict]:
   """Runs (or resumes) the whole grid; writes the table, CSV, plot and metadata."""
+  # ------------------------------------------------------------ setup (validated)
+  s = common.setup(config, workdir, STAGES, ignore=MUTABLE_KEYS, invalidate=invalidate)
   cells = cells_of(config)
-  ctx = lfpr.prepare(config, workdir)
   sweep_dir = os.path.join(workdir, "sweep")
-  scores = {name: criterion_scores(name, ctx, config, sweep_dir)
-            for name in config.sweep.criteria}
-  rows = []
-  for cell in cells:
-    s, seconds = scores[cell.criterion]
-    rows.append(run_cell(cell, ctx, config, s, seconds, sweep_dir))
+  needs_labels = "rest" in config.sweep.restorations
+
+  # --------------------------------------------------- shared stages and scores
+  t_star, _ = common.tstar_stage(s)
+  labels = common.labels_stage(s)[0] if needs_labels else None
+  scores = {name: criterion_scores(name, s, t_star) for name in config.sweep.criteria}
+
+  # ------------------------------------------------------------------------ cells
+  rows = [run_cell(cell, s, *scores[cell.criterion], labels) for cell in cells]
+
+  # ---------------------------------------------------------------------- outputs
   if jax.process_index() == 0:
-    unpruned = ctx.base_eval["val_accuracy"]
-    for name, text in (("results.md", format_markdown(rows, unpruned)),
-                       ("results.csv", format_csv(rows)),
-                       ("metadata.json", json.dumps(metadata(config), indent=1))):
-      tmp = os.path.join(sweep_dir, f".{name}.tmp")
-      with open(tmp, "w") as f:
-        f.write(text)
-      os.replace(tmp, os.path.join(sweep_dir, name))
+    unpruned = s.base_eval["val_accuracy"]
+    atomic.write_text(os.path.join(sweep_dir, "results.md"),
+                      format_markdown(rows, unpruned))
+    atomic.write_text(os.path.join(sweep_dir, "results.csv"), format_csv(rows))
+    atomic.write_json(os.path.join(sweep_dir, "metadata.json"), metadata(config))
     plot(rows, unpruned, os.path.join(sweep_dir, "accuracy_vs_params.png"))
   return rows

@@ -275,7 +275,7 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
   Args:
     criterion: a name of `criteria.CRITERIA` (built with `options`) or a Criterion.
     model, params: the unpruned TAP and its (replicated) parameters.
-    batches: global batches, e.g. from `experiments.lfpr.stream` (not needed for
+    batches: global batches, e.g. from `training.parallel.global_batches` (not needed for
       `l1`): mappings of batch-first arrays holding the criterion's `fields`,
       `weight` `[B]` (0 on padding rows; default all ones) and `question_id` `[B]`
       (default: a running count); the labelled criteria also need `has_answers`.

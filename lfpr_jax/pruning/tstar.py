@@ -68,7 +68,7 @@ def compute_tstar(model: TAP, params: PyTree, batches: Iterable[Mapping[str, Any
   Args:
     model, params: the unpruned model and its (replicated) parameters.
     batches: global batches of the model inputs plus `weight` `[B]` (0 on padding
-      rows) and `question_id` `[B]`, e.g. from `experiments.lfpr.stream`.
+      rows) and `question_id` `[B]`, e.g. from `training.parallel.global_batches`.
     mesh: the mesh the batches are sharded on (`data` axis); None: unsharded.
     bos_index: the decoder's BOS index.
     batch_search: upstream's whole-batch search of each sample's maximum.

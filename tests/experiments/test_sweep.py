@@ -4,7 +4,7 @@ in tests/test_finetune.py)."""
 import pytest
 
 from configs.sweep_synthetic import get_config
-from lfpr_jax.experiments import sweep
+from lfpr_jax.experiments import config_checks, stages, sweep
 
 
 def test_grid_and_bad_names():
@@ -12,16 +12,17 @@ def test_grid_and_bad_names():
   assert len(cells) == 4 * 2 * 4
   assert {c.criterion for c in cells} == {"lfpr", "l1", "alg", "fisher"}
   for key, value, match in (
-      ("criteria", ("lfpr", "magnitude"), "valid.*lfpr.*fisher"),
-      ("criteria", ("owo",), "OWO|owo"),
-      ("restorations", ("retrain",), "valid: \\['none', 'rest', 'finetune', 'kwon'\\]"),
-      ("cost", "latency", "params.*flops"),
-      ("constraints", (0.0,), "\\(0, 1\\]"),
-      ("constraints", (0.45,), "no \\(%, k\\) for constraints \\[0.45\\]")):
+      ("criteria", ("lfpr", "magnitude"), "sweep.criteria=.*expected a non-empty list "
+       "from lfpr, l1, alg, fisher, owo"),
+      ("restorations", ("retrain",), "sweep.restorations=.*none, rest, finetune, kwon"),
+      ("cost", "latency", "sweep.cost='latency': expected one of 'params', 'flops'"),
+      ("constraints", (0.0,), "sweep.constraints=.*\\(0, 1\\]"),
+      ("constraints", (0.45,), "rest.schedule: has no .* for sweep.constraints "
+       "\\[0.45\\]")):
     config = get_config()
     config.sweep[key] = value
-    with pytest.raises((ValueError, NotImplementedError), match=match):
-      sweep.cells_of(config)
+    with pytest.raises(stages.ConfigError, match=match):
+      config_checks.validate(config)
 
 
 def _rows():

@@ -67,35 +67,7 @@ def test_trainable_count_formula():
     assert got == want, k
   with pytest.raises(ValueError, match="trailing"):
     rest.trainable_rules(config, 5)
-
-
-def test_targets_and_bad_config():
-  config = get_config()
-  assert [t.name for t in lfpr.targets_of(config)] == ["sum_0.4"]
-  assert lfpr.targets_of(config)[0].percent == 73
-  for bad, match in (((1.5,), "\\(0, 1\\]"), ((0.0,), "\\(0, 1\\]"),
-                     ((0.45,), "no entry for constraint 0.45")):
-    c = get_config()
-    c.prune.constraints = bad
-    with pytest.raises(ValueError, match=match):
-      lfpr.targets_of(c)
-  c = get_config()
-  c.prune.heuristic, c.prune.percentiles = "thre", (120,)
-  with pytest.raises(ValueError, match="\\[0, 100\\]"):
-    lfpr.targets_of(c)
   assert schedules.SUM[("tap12", "stvqa")][1] == (0.4, 60, 3)
-
-
-def test_workdir_config_check(tmp_path):
-  config = get_config("tiny")
-  lfpr.check_workdir(config, str(tmp_path / "lfpr"))
-  more = get_config("tiny")
-  more.prune.constraints = (0.4, 0.4)   # targets may be added
-  lfpr.check_workdir(more, str(tmp_path / "lfpr"))
-  other = get_config("tiny")
-  other.rest.lr = 1e-4
-  with pytest.raises(ValueError, match="different config.*rest.lr"):
-    lfpr.check_workdir(other, str(tmp_path / "lfpr"))
 
 
 # --------------------------------------------------------- data-backed ReSt tests

@@ -42,16 +42,32 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   for k, v in optim.flat(params).items():
     np.testing.assert_array_equal(np.asarray(v), np.asarray(optim.flat(dparams)[k]),
                                   err_msg=k)
-  # A second run reuses every stage and prints the same table.
+  assert "speed-up" in out.stdout and "val TextVQA acc unpruned" in out.stdout
+  assert "downloaded and prepared" not in out.stdout + out.stderr
+  assert "Using custom data configuration" not in out.stderr
+  preds = json.loads((tmp_path / "lfpr" / "sum_0.4" / "eval_rest_predictions.json")
+                     .read_text())
+  assert len(preds) == 64 and set(preds[0]) == {"question_id", "answer"}
+  # A second run reuses every stage and prints the same tables.
   again = _main(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   table = lambda text: text[text.index("| target"):]
   assert table(again.stdout) == table(out.stdout)
   assert "reusing" in again.stderr and "ReSt" not in again.stderr
-  # A different config in the same workdir is refused with one clear message.
+  # A run in a fresh workdir prints the same results (deterministic, fixed steps).
+  fresh = _main(tmp_path / "fresh")
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  results = lambda text: text[text.index("| target"):text.index("| measured speed")]
+  assert results(fresh.stdout) == results(out.stdout)
+  # A different ReSt rate is refused with one line naming the key and what it
+  # invalidates; --invalidate recomputes only that and keeps the base model.
   bad = _main(tmp_path, "--config.rest.lr=0.1")
-  assert bad.returncode != 0 and "different config" in bad.stderr
-  assert "Traceback" not in bad.stderr
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "rest.lr (5e-05 -> 0.1)" in bad.stderr and "--invalidate" in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+  fixed = _main(tmp_path, "--config.rest.lr=0.1", "--invalidate")
+  assert fixed.returncode == 0, fixed.stderr[-3000:]
+  assert "train base_model" not in fixed.stderr and "ReSt" in fixed.stderr
   # The comparison sweep reuses the workdir's data, base model, t* and pseudo-labels.
   sweep = _main(tmp_path, config="configs/sweep_synthetic.py:tiny")
   assert sweep.returncode == 0, sweep.stderr[-3000:]
@@ -63,3 +79,25 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   meta = json.loads((tmp_path / "sweep" / "metadata.json").read_text())
   assert meta["versions"]["jax"] and meta["config"]["sweep"]["criteria"]
   assert "reusing" in sweep.stderr and "pseudo-labels:" not in sweep.stderr  # reused
+
+
+def test_bad_flags_and_configs_are_one_line(tmp_path):
+  for extra, config, status, text in (
+      (("--config.prune.batch_size=0",), "configs/synthetic.py:tiny", 1,
+       "prune.batch_size=0: expected an integer >= 1"),
+      (("--config.prune.batchsize=3",), "configs/synthetic.py:tiny", 2,
+       "no config key 'batchsize'; did you mean"),
+      ((), "configs/nope.py", 2, "nope.py"),
+      ((), "configs/synthetic.py:huge", 2, "unknown config variant 'huge'")):
+    out = _main(tmp_path / "w", *extra, config=config)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == status, out.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and text in lines[-1], lines[-3:]
+    assert "Traceback" not in out.stderr
+  # Nothing was written for the rejected configs.
+  assert not (tmp_path / "w" / "lfpr").exists()
+  workdir_file = tmp_path / "file"
+  workdir_file.write_text("keep")
+  out = _main(workdir_file)
+  assert out.returncode == 1 and "error: " in out.stderr and "Traceback" not in out.stderr
+  assert workdir_file.read_text() == "keep"

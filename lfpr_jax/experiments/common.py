@@ -1,0 +1,274 @@
+"""The stages the LFPR run and the sweep share, as explicit calls on plain values.
+
+    setup(...)          validate, record, data, base model, mesh, unpruned evaluation
+    tstar_stage(...)    t* on the scoring sample set         (lfpr/tstar.json)
+    labels_stage(...)   the unpruned model's greedy answers   (lfpr/pseudo_labels.npz)
+    evaluate(...)       a model's val metrics (and predictions)
+
+Both drivers keep these outputs under `<workdir>/lfpr/`, so a sweep in the workdir of an
+LFPR run reuses its data, base model, t* and pseudo-labels (and the other way round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lfpr_jax import atomic
+from lfpr_jax.data.pipeline import make_loader, open_source
+from lfpr_jax.data.prepare import PreparedData, prepare_data
+from lfpr_jax.experiments import config_checks, stages
+from lfpr_jax.experiments.base_model import train_and_evaluate
+from lfpr_jax.models.batch import MODEL_INPUTS
+from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.tap import TAP
+from lfpr_jax.pruning import pseudo_labels, tstar
+from lfpr_jax.training import checkpointing, parallel
+from lfpr_jax.training import evaluate as evaluation
+from lfpr_jax.training.step import make_predict
+
+PyTree = Any
+STAGE_DIR = "lfpr"
+# Fields a base model must share with the built dataset.
+DATA_COMPAT_FIELDS = ("num_answers", "ocr_max", "obj_max", "question_len", "text_len",
+                      "ocr_text_len", "decode_steps", "obj_feat_dim", "ocr_feat_dim")
+# What the shared stages write and which config keys they read (docs/LFPR.md §1).
+BASE_KEYS = ("seed", "data", "model", "optim", "train", "base_model")
+SHARED_STAGES = (
+    stages.Stage("base model", ("base_model", "base_model.json", "base_model_ckpt"),
+                 BASE_KEYS),
+    stages.Stage("unpruned evaluation", ("lfpr/base_eval.json",), (), ("base model",)),
+    stages.Stage("t*", ("lfpr/tstar.json",),
+                 ("prune.t_star", "prune.tstar_batch_search", "prune.num_samples",
+                  "prune.sample_seed", "prune.batch_size"), ("base model",)),
+    stages.Stage("pseudo-labels", ("lfpr/pseudo_labels.npz",), (), ("base model",)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every stage after the base model reads (values only; nothing lazy)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  stage_dir: str
+  stages: tuple[stages.Stage, ...]
+  data: PreparedData
+  base_config: TapConfig
+  base_params: PyTree
+  rep_params: PyTree
+  model: TAP
+  mesh: Any
+  eval_local: int
+  score_local: int
+  num_train: int
+  samples: np.ndarray
+  base_eval: dict
+  times: dict
+  progress: bool
+
+  def depends_on(self, stage: str) -> dict[str, Any]:
+    """The config values a stage's output is a function of (for `stages.cached`)."""
+    return stages.depends_on(self.config, self.stages, stage)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.stage_dir, *parts)
+
+
+def sample_set(num_train: int, num_samples: int, seed: int) -> np.ndarray:
+  """The scoring questions: the first `num_samples` of a seeded permutation."""
+  return np.random.default_rng(seed).permutation(num_train)[:min(num_samples, num_train)]
+
+
+def check_compatible(model_config: TapConfig, data_config: TapConfig) -> None:
+  bad = [f"{f}: model {getattr(model_config, f)} vs data {getattr(data_config, f)}"
+         for f in DATA_COMPAT_FIELDS
+         if getattr(model_config, f) != getattr(data_config, f)]
+  if bad:
+    raise ValueError("the base model does not fit the dataset: " + "; ".join(bad))
+
+
+def base_model_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, float]:
+  """The unpruned model directory and its training seconds (synthetic: trained here)."""
+  path = config.base_model
+  if path:
+    checkpointing.load_config(path)  # clear error if it is not a model directory
+    return path, 0.0
+  path = os.path.join(workdir, "base_model")
+  summary = os.path.join(workdir, "base_model.json")
+  if not os.path.exists(os.path.join(path, checkpointing.ARCH_FILE)):
+    if config.data.dataset != "synthetic":
+      raise ValueError(
+          "config.base_model is empty: convert the fine-tuned upstream checkpoint "
+          "first (python -m converters.torch_to_flax --checkpoint "
+          "textvqa_tap_base_best.ckpt --out DIR) and set config.base_model=DIR.")
+    train_and_evaluate(config, workdir)
+  seconds = stages.load_json(summary).get("train_seconds", 0.0) if os.path.exists(
+      summary) else 0.0
+  return path, float(seconds)
+
+
+def evaluate(model: TAP, params: PyTree, setup_or_data: Any, *, mesh: Any = None,
+             local_batch: Optional[int] = None, progress: bool = True, desc: str = "",
+             predictions: bool = False) -> dict:
+  """Val metrics of a model (`training.evaluate`); `val_accuracy` is the primary one.
+
+  Returns:
+    `{"val_accuracy", "val_examples", "val_metrics": {name: value}}` and, with
+    `predictions`, `"predictions"`: `[{question_id, answer}]` in question-id order.
+  """
+  if isinstance(setup_or_data, Setup):
+    s = setup_or_data
+    data, mesh, local_batch, progress = s.data, s.mesh, s.eval_local, s.progress
+  else:
+    data = setup_or_data
+  n = len(open_source(data.built_dir, "val"))
+  batches = make_loader(data.built_dir, "val", local_batch, shuffle=False,
+                        drop_remainder=False)
+  result = evaluation.evaluate(
+      make_predict(model, mesh, data.vocab.bos_idx), parallel.replicate(params, mesh),
+      batches, data.vocab, mesh, dataset=data.layout.dataset, local_batch=local_batch,
+      num_batches=parallel.num_global_batches(n, local_batch), desc=desc,
+      progress=progress, predictions=predictions)
+  out = {"val_accuracy": result["accuracy"], "val_examples": result["num_examples"],
+         "val_metrics": result["metrics"]}
+  if predictions:
+    out["predictions"] = result["predictions"]
+  return out
+
+
+def evaluate_stage(s: Setup, model: TAP, params: PyTree, path: str, *, stage: str,
+                   desc: str) -> tuple[dict, float]:
+  """A cached evaluation; also writes `<stem>_predictions.json` (EvalAI format)."""
+  def compute():
+    result = evaluate(model, params, s, desc=desc, predictions=True)
+    preds = result.pop("predictions")
+    if jax.process_index() == 0:
+      stem = path[:-len(".json")] if path.endswith(".json") else path
+      atomic.write_json(stem + "_predictions.json", preds, indent=None)
+    return result
+  return stages.cached(path, compute, depends_on=s.depends_on(stage))
+
+
+def batches(s: Setup, *, indices: Optional[np.ndarray], local_batch: int,
+            fields: Sequence[str] = MODEL_INPUTS, desc: str = "",
+            progress: Optional[bool] = None) -> Iterator[dict]:
+  """Global batches of train examples (all, or `indices`), padded in lockstep."""
+  n = s.num_train if indices is None else len(indices)
+  loader = make_loader(s.data.built_dir, "train", local_batch, shuffle=False,
+                       drop_remainder=False, indices=indices)
+  return parallel.global_batches(
+      loader, local_batch=local_batch, num_batches=parallel.num_global_batches(
+          n, local_batch), mesh=s.mesh, fields=tuple(fields), desc=desc,
+      progress=s.progress if progress is None else progress)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          driver_stages: Sequence[stages.Stage], *, ignore: Sequence[str] = (),
+          invalidate: bool = False) -> Setup:
+  """Validates the config, checks the workdir's record, prepares data and base model.
+
+  Every data-free check runs before anything is written; the checks that need the
+  data run right after data preparation, before the base model is trained or read.
+  """
+  config_checks.validate(config)
+  stage_dir = os.path.join(workdir, STAGE_DIR)
+  all_stages = tuple(SHARED_STAGES) + tuple(driver_stages)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file; expected a directory "
+                             "(it is created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise PermissionError(f"cannot create --workdir {workdir}: {e.strerror}.") from None
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"--workdir {workdir} is not a writable directory.")
+  stages.check_run_record(config, workdir, stage_dir, all_stages, ignore=ignore,
+                          invalidate=invalidate)
+  progress = bool(config.progress)
+  times: dict[str, float] = {}
+
+  # --- Data
+  t0 = time.time()
+  data = prepare_data(config, workdir)
+  times["data"] = time.time() - t0
+  config_checks.check_against_model(config, data.model_config)
+
+  # --- Base model
+  base_dir, times["base_model"] = base_model_dir(config, workdir)
+  base_config, base_params = checkpointing.load_model(base_dir)
+  check_compatible(base_config, data.model_config)
+  config_checks.check_against_model(config, base_config)
+  mesh = parallel.make_mesh()
+  model = TAP(base_config)
+  num_train = len(open_source(data.built_dir, "train"))
+  p = config.prune
+  s = Setup(config=config, workdir=workdir, stage_dir=stage_dir, stages=all_stages,
+            data=data, base_config=base_config, base_params=base_params,
+            rep_params=parallel.replicate(base_params, mesh), model=model, mesh=mesh,
+            eval_local=config.eval.batch_size // jax.process_count(),
+            score_local=p.batch_size // jax.process_count(), num_train=num_train,
+            samples=sample_set(num_train, p.num_samples, p.sample_seed), base_eval={},
+            times=times, progress=progress)
+
+  # --- Unpruned evaluation
+  base_eval, times["base_eval"] = evaluate_stage(
+      s, model, base_params, s.path("base_eval.json"), stage="unpruned evaluation",
+      desc="eval unpruned")
+  return dataclasses.replace(s, base_eval=base_eval)
+
+
+def tstar_stage(s: Setup) -> tuple[int, float]:
+  """t* (`prune.t_star` >= 0 skips the search); returns (t*, seconds)."""
+  p = s.config.prune
+
+  def compute():
+    if p.t_star >= 0:
+      return {"t_star": int(p.t_star), "given": True}
+    return tstar.compute_tstar(
+        s.model, s.rep_params, batches(s, indices=s.samples, local_batch=s.score_local,
+                                       desc="t*"),
+        mesh=s.mesh, bos_index=s.data.vocab.bos_idx, batch_search=p.tstar_batch_search)
+  found, seconds = stages.cached(s.path("tstar.json"), compute,
+                                 depends_on=s.depends_on("t*"))
+  return int(found["t_star"]), seconds
+
+
+def predict_train(s: Setup) -> pseudo_labels.PseudoLabels:
+  """The unpruned model's greedy answer indices on the whole train split."""
+  model, bos = s.model, s.data.vocab.bos_idx
+
+  def fn(params, batch):
+    scores, _ = greedy_decode(model, {"params": params}, batch, bos_index=bos)
+    return jnp.argmax(scores, -1).astype(jnp.int32), batch["weight"], batch["question_id"]
+  step = jax.jit(fn, in_shardings=(parallel.replicated(s.mesh),
+                                   parallel.data_sharded(s.mesh)),
+                 out_shardings=parallel.replicated(s.mesh))
+  qids, rows = [], []
+  for batch in batches(s, indices=None, local_batch=s.eval_local, desc="pseudo-labels"):
+    idx, w, q = (np.asarray(x) for x in step(s.rep_params, batch))
+    rows.append(idx[w > 0])
+    qids.extend(q[w > 0].tolist())
+  return pseudo_labels.PseudoLabels(np.asarray(qids, np.int64), np.concatenate(rows))
+
+
+def labels_stage(s: Setup) -> tuple[pseudo_labels.PseudoLabels, float]:
+  """The pseudo-labels (cached); returns (labels, seconds)."""
+  return stages.cached(
+      s.path("pseudo_labels.npz"), lambda: predict_train(s),
+      depends_on=s.depends_on("pseudo-labels"),
+      save=lambda path, labels: labels.save(path),
+      load=pseudo_labels.PseudoLabels.load)
+
+
+def log_reuse(what: str, path: str) -> None:
+  logging.info("%s: reusing %s", what, path)
