@@ -51,6 +51,40 @@ def score_answers(dataset: str, predictions: Sequence[str],
           for name, fn in metrics_of(dataset)}
 
 
+def answer_batches(predict: Callable[..., jax.Array], params: PyTree,
+                   batches: Iterator[Mapping[str, Any]], vocab: Any, mesh: Mesh, *,
+                   local_batch: int, num_batches: int,
+                   transform: Callable[[Mapping], Mapping] | None = None,
+                   desc: str = "", progress: bool = False
+                   ) -> Iterator[tuple[Mapping[str, Any], list[str]]]:
+  """This process's batches with their greedy answers (the one prediction loop).
+
+  Yields:
+    `(batch, answers)`: the batch as the loader gave it (strings included) and one
+    decoded answer per row; all-padding steps of an ended shard yield nothing.
+  """
+  raw: list[Mapping[str, Any]] = []
+
+  def tap(it):  # keeps the string fields of the batch `global_batches` just read
+    for batch in it:
+      raw.append(batch)
+      yield transform(batch) if transform is not None else batch
+
+  rows = parallel.process_rows(local_batch * jax.process_count(), mesh)
+  for gbatch in parallel.global_batches(tap(iter(batches)), local_batch=local_batch,
+                                        num_batches=num_batches, mesh=mesh,
+                                        fields=MODEL_INPUTS, desc=desc,
+                                        progress=progress):
+    idx = np.asarray(predict(params, gbatch))
+    if not raw:  # an all-padding batch of a process whose shard has ended
+      continue
+    batch = raw.pop()
+    n = len(batch["question_id"])
+    tokens = [decode_strings(t) for t in batch["context_tokens"]]
+    yield batch, [a for a, _ in decode_answers(idx[rows.start:rows.start + n], vocab,
+                                               tokens)]
+
+
 def evaluate(predict: Callable[..., jax.Array], params: PyTree,
              batches: Iterator[Mapping[str, Any]], vocab: Any, mesh: Mesh, *,
              dataset: str, local_batch: int, num_batches: int,
@@ -80,28 +114,13 @@ def evaluate(predict: Callable[..., jax.Array], params: PyTree,
     "num_examples": n}` over all processes, plus `"predictions"` if asked.
   """
   names = [name for name, _ in metrics_of(dataset)]
-  raw: list[Mapping[str, Any]] = []
-
-  def tap(it):  # keeps the string fields of the batch `global_batches` just read
-    for batch in it:
-      raw.append(batch)
-      yield transform(batch) if transform is not None else batch
-
-  rows = parallel.process_rows(local_batch * jax.process_count(), mesh)
   scores: dict[str, list[float]] = {name: [] for name in names}
   preds = []
-  for gbatch in parallel.global_batches(tap(iter(batches)), local_batch=local_batch,
-                                        num_batches=num_batches, mesh=mesh,
-                                        fields=MODEL_INPUTS, desc=desc,
-                                        progress=progress):
-    idx = np.asarray(predict(params, gbatch))
-    if not raw:  # an all-padding batch of a process whose shard has ended
-      continue
-    batch = raw.pop()
-    n = len(batch["question_id"])
-    tokens = [decode_strings(t) for t in batch["context_tokens"]]
+  for batch, words in answer_batches(predict, params, batches, vocab, mesh,
+                                     local_batch=local_batch, num_batches=num_batches,
+                                     transform=transform, desc=desc,
+                                     progress=progress):
     answers = [decode_strings(a) for a in batch["answers"]]
-    words = [a for a, _ in decode_answers(idx[rows.start:rows.start + n], vocab, tokens)]
     for name, values in score_answers(dataset, words, answers).items():
       scores[name] += values
     if predictions:
