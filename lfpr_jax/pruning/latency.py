@@ -232,7 +232,7 @@ def select_latency(head_importance: object, ffn_importance: object, constraint: 
     ValueError: bad scores or constraint, or a budget below the latency of an MMT
       with no heads and no neurons.
   """
-  head, ffn = selection._check_importances(  # noqa: SLF001  (shared validation)
+  head, ffn = selection.check_importances(
       head_importance, ffn_importance, None)
   if not 0.0 < float(constraint) <= 1.0:
     raise ValueError(f"constraint must be in (0, 1] (the kept fraction of the MMT "
