@@ -10,13 +10,14 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 
 from tests.golden.weights import GOLDEN_MODELS, manifest, state_dict
 
 GOLDEN = pathlib.Path(__file__).resolve().parent
 
-__all__ = ["GOLDEN", "GOLDEN_MODELS", "batch", "manifest", "npz", "outputs", "pruning_meta",
-           "state_dict"]
+__all__ = ["GOLDEN", "GOLDEN_MODELS", "arch_param", "batch", "manifest", "npz", "outputs",
+           "pruning_meta", "state_dict"]
 
 
 def npz(arch: str, name: str) -> dict[str, np.ndarray]:
@@ -48,3 +49,12 @@ def outputs(arch: str) -> dict[str, np.ndarray]:
 def pruning_meta(arch: str) -> dict:
   """`<arch>/pruning.json`: upstream's selections, configs and pruned shapes."""
   return json.loads((GOLDEN / arch / "pruning.json").read_text())
+
+
+def arch_param(arch: str):
+  """`arch` as a pytest parameter in the xdist group of its golden model.
+
+  Under `pytest -n N --dist loadgroup` every test of one golden model then runs in
+  one worker, which builds its weights and compiles it once.
+  """
+  return pytest.param(arch, marks=pytest.mark.xdist_group(f"golden_{arch}"))
