@@ -123,9 +123,8 @@ class Golden:
   Runs are computed on first use and kept for the module (a module-scoped fixture).
   """
 
-  def __init__(self, arch: str, state_dict, config, params):
+  def __init__(self, arch: str, config, params):
     self.arch = arch
-    self.state_dict = state_dict
     self.config = config
     self.params = params
     self.model = TAP(config)
@@ -161,7 +160,8 @@ class Golden:
 
 @pytest.fixture(scope="module", params=[golden_files.arch_param(a) for a in ARCHS])
 def g(request, golden_models) -> Golden:
-  return Golden(request.param, *golden_models.get(request.param))
+  _, config, params = golden_models.get(request.param)
+  return Golden(request.param, config, params)
 
 
 def assert_scores_close(got, want, valid, what):
