@@ -1,4 +1,4 @@
-"""Shared test setup: fake CPU devices, paths to the golden fixtures in ../shared."""
+"""Shared test setup: fake CPU devices, and the golden upstream models (tests/golden)."""
 
 import os
 
@@ -7,37 +7,34 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
-import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "golden"
-MANIFESTS = SHARED / "manifests"
 
 
-def require_shared() -> None:
-  if not GOLDEN.is_dir():
-    raise RuntimeError(
-        f"golden fixtures not found at {GOLDEN}: clone the repo next to the project's "
-        "shared/ folder (CI does).")
+class GoldenModels:
+  """Per-arch golden weights, built once per test process on first use.
+
+  The numpy weight rule takes seconds and the full-size arrays are large, so every
+  test file asks this one session object instead of rebuilding them.
+  """
+
+  def __init__(self):
+    self._built: dict[str, tuple] = {}
+
+  def get(self, arch: str):
+    """(upstream state dict, TapConfig, Flax params) of the golden model `arch`."""
+    if arch not in self._built:
+      # Imported here: JAX must start after the XLA flags above are set.
+      from converters.torch_to_flax import infer_config, state_dict_to_params  # noqa: PLC0415
+      from tests.golden import state_dict  # noqa: PLC0415
+      sd = state_dict(arch)
+      config = infer_config(sd)
+      self._built[arch] = (sd, config, state_dict_to_params(sd, config))
+    return self._built[arch]
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> pathlib.Path:
-  require_shared()
-  return GOLDEN
-
-
-def golden_state_dict(arch: str):
-  """Upstream-keyed float32 weights of the golden model (numpy rule of weights.py)."""
-  require_shared()
-  sys.path.insert(0, str(GOLDEN))
-  try:
-    import weights  # noqa: PLC0415  (the fixture's own generator)
-  finally:
-    sys.path.remove(str(GOLDEN))
-  manifest = {"tap": "tap_textvqa", "tap12": "tap12_textvqa"}[arch]
-  seed = {"tap": 7, "tap12": 8}[arch]
-  return weights.state_dict(str(MANIFESTS / f"{manifest}.json"), seed)
+def golden_models() -> GoldenModels:
+  return GoldenModels()

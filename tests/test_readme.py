@@ -4,21 +4,22 @@ import os
 import pathlib
 import re
 
-from converters.torch_to_flax import infer_config, state_dict_to_params
+import pytest
+
 from lfpr_jax.training import checkpointing
-from tests.conftest import REPO, golden_state_dict
+from tests.conftest import REPO
 
 
-def test_readme_python_examples(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("golden_tap")  # shares the golden TAP with the parity tests
+def test_readme_python_examples(tmp_path, monkeypatch, golden_models):
   blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
   assert len(blocks) >= 2
-  sd = golden_state_dict("tap")
-  config = infer_config(sd)
-  checkpointing.save_model(str(tmp_path / "converted" / "tap_textvqa"), config,
-                           state_dict_to_params(sd, config))
-  # The README runs from the repo root, next to ../shared; mirror that layout.
+  _, config, params = golden_models.get("tap")
+  checkpointing.save_model(str(tmp_path / "converted" / "tap_textvqa"), config, params)
+  # The README runs from the repo root (it reads tests/golden/tap/batch.npz and
+  # converted/tap_textvqa): mirror that layout.
   (tmp_path / "repo").mkdir()
-  os.symlink(REPO.parent / "shared", tmp_path / "shared")
+  os.symlink(REPO / "tests", tmp_path / "repo" / "tests")
   os.symlink(tmp_path / "converted", tmp_path / "repo" / "converted")
   monkeypatch.chdir(tmp_path / "repo")
   namespace: dict = {}

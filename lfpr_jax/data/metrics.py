@@ -5,7 +5,7 @@ Reproduces `LFPR: TAP/pythia/utils/m4c_evaluators.py` (`EvalAIAnswerProcessor`,
 batch aggregation of `TAP/pythia/modules/metrics.py` + the pythia meter (TAP.md §9,
 LFPR.md §7.1), and writes EvalAI prediction files (`format_for_evalai`).
 
-Upstream quirks kept on purpose (see `shared/golden/data/evalai.json`):
+Upstream quirks kept on purpose (see `tests/golden/data/evalai.json`):
 
 * `PERIOD_STRIP.sub('', s, re.UNICODE)` passes 32 as the COUNT: at most 32 periods
   are removed per string;

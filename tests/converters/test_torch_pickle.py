@@ -23,26 +23,20 @@ import pytest
 
 from converters.torch_pickle import Placeholder, TorchFileError, load
 from tests.converters.torch_writer import LEGACY_MAGIC, _glob, _int, _str, _tuple
+from tests.golden import GOLDEN
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "golden" / "torch_files"
+FIXTURES = GOLDEN / "torch_files"
 STEMS = ("zip", "legacy", "module_prefix", "bare_state_dict", "dtypes")
 TRUE_DTYPES = {"dtypes/bf16": np.dtype(ml_dtypes.bfloat16)}  # expected.npz keeps bf16 as f32
 
 
-def _require_fixtures() -> None:
-  if not FIXTURES.is_dir():  # fail, not skip: CI clones the repo next to shared/
-    pytest.fail(f"golden torch files not found at {FIXTURES}: clone the repo next to shared/")
-
-
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
-  _require_fixtures()
   with np.load(FIXTURES / "expected.npz") as npz:
     return {k: npz[k] for k in npz.files}
 
 
 def _fixture_bytes(name: str) -> bytes:
-  _require_fixtures()
   return (FIXTURES / name).read_bytes()
 
 

@@ -13,7 +13,7 @@ from lfpr_jax import atomic
 from lfpr_jax.training import checkpointing
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
-from tests.conftest import GOLDEN, golden_state_dict
+from tests import golden
 from tests.converters.torch_writer import write_checkpoint
 
 # A small TAP-shaped model: head size 64 as upstream, a layer without heads and one
@@ -131,9 +131,9 @@ def test_missing_and_unknown_keys(small):
 
 
 @pytest.mark.parametrize("name", ["truncated.ckpt", "malicious.ckpt"])
-def test_cli_refuses_bad_files(tmp_path, capsys, golden_dir, name):
+def test_cli_refuses_bad_files(tmp_path, capsys, name):
   out = tmp_path / "o"
-  bad = golden_dir / "torch_files" / name
+  bad = golden.GOLDEN / "torch_files" / name
   assert bad.is_file()  # refused for what it holds, not for being absent
   err = _fails(capsys, 1, "--checkpoint", str(bad), "--out", str(out))
   assert name in err and "not found" not in err
@@ -271,9 +271,9 @@ def test_cli_missing_checkpoint(tmp_path, capsys, kind):
   assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["tap", "tap12"])
-def test_golden_architectures_inferred_and_mapped(arch):
-  sd = golden_state_dict(arch)
+@pytest.mark.parametrize("arch", [golden.arch_param("tap"), golden.arch_param("tap12")])
+def test_golden_architectures_inferred_and_mapped(arch, golden_models):
+  sd, _, _ = golden_models.get(arch)
   config = conv.infer_config(sd)
   expected = TapConfig.tap() if arch == "tap" else TapConfig.tap12()
   assert config == expected
@@ -287,8 +287,7 @@ def test_golden_architectures_inferred_and_mapped(arch):
     np.testing.assert_array_equal(
         params[f"mmt_layer_{i}"]["attention"]["key"]["kernel"].reshape(768, 768).T,
         sd[f"mmt.encoder.layer.{i}.attention.self.key.weight"])
-  manifest = json.loads((GOLDEN.parent / "manifests" /
-                         f"{'tap' if arch == 'tap' else 'tap12'}_textvqa.json").read_text())
+  manifest = golden.manifest(f"{arch}_textvqa")
   pretrain = sum(int(np.prod(s)) for k, s in manifest["state_dict"].items()
                  if k.startswith(conv.PRETRAIN_PREFIXES) and k != conv.TIED_DUPLICATE)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
@@ -300,9 +299,8 @@ def test_golden_architectures_inferred_and_mapped(arch):
 
 
 def test_pruned_manifest_shapes():
-  """The example pruned checkpoint of ../shared/manifests maps onto the model."""
-  manifest = json.loads((GOLDEN.parent / "manifests" /
-                         "tap_textvqa_pruned_example.json").read_text())
+  """The example pruned checkpoint of upstream's manifests maps onto the model."""
+  manifest = golden.manifest("tap_textvqa_pruned_example")
   sd = {k: np.zeros(s, np.float32) for k, s in manifest["state_dict"].items()}
   config = conv.infer_config(sd)
   assert list(config.mmt_heads) == manifest["cfg_head"]

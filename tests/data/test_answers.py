@@ -1,13 +1,12 @@
 """M4C answer processor, vocabulary and answer decoding against the upstream goldens.
 
-Goldens: shared/golden/data/answer_processor.json (26 cases) and decode_answer.json
+Goldens: tests/golden/data/answer_processor.json (26 cases) and decode_answer.json
 (22 cases + 1 error), computed by the upstream pythia code.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,28 +15,20 @@ from lfpr_jax.data import answers as answers_lib
 from lfpr_jax.data.answers import decode_answer, decode_answers, process_answers
 from lfpr_jax.data.text import make_context_tokens, word_tokenize
 from lfpr_jax.data.vocab import AnswerVocab
+from tests.golden import GOLDEN
 
-GOLDEN_DATA = Path(__file__).resolve().parents[3] / "shared" / "golden" / "data"
+GOLDEN_DATA = GOLDEN / "data"
 
 
 def _load_json(name: str):
-  path = GOLDEN_DATA / name
-  return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+  return json.loads((GOLDEN_DATA / name).read_text(encoding="utf-8"))
 
 
 PROC = _load_json("answer_processor.json")
 DECODE = _load_json("decode_answer.json")
 
 
-def _require(doc) -> dict:
-  if doc is None:
-    pytest.fail(f"golden data missing under {GOLDEN_DATA} (clone next to shared/).")
-  return doc
-
-
 def _case_params(doc):
-  if doc is None:
-    return [pytest.param(None, id="golden-missing")]
   return [pytest.param(c, id=c["name"]) for c in doc["cases"]]
 
 
@@ -50,15 +41,15 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "yes", "no", "red", "stop", "'s", "the
 
 
 def test_golden_case_counts():
-  assert len(_require(PROC)["cases"]) == 26
-  assert len(_require(DECODE)["cases"]) == 22
+  assert len(PROC["cases"]) == 26
+  assert len(DECODE["cases"]) == 22
 
 
 # --------------------------------------------------------------------------- vocab
 
 
 def test_golden_vocab_special_indices():
-  doc = _require(PROC)
+  doc = PROC
   vocab = AnswerVocab.from_words(doc["vocab"])
   assert vocab.num_vocab == doc["num_vocab"] == 30
   special = doc["special_indices"]
@@ -70,7 +61,7 @@ def test_golden_vocab_special_indices():
 
 def test_golden_vocab_without_unk_is_rejected(tmp_path):
   # Upstream prepends <unk>, so <pad> lands at 1 and the PAD == 0 assert fails.
-  words = [w for w in _require(PROC)["vocab"] if w != "<unk>"]
+  words = [w for w in PROC["vocab"] if w != "<unk>"]
   path = tmp_path / "vocab_without_unk.txt"
   path.write_text("\n".join(words) + "\n", encoding="utf-8")
   with pytest.raises(ValueError, match="index 0") as err:
@@ -120,14 +111,14 @@ def test_vocab_prepends_unk_when_pad_check_passes_otherwise():
 
 
 def test_golden_seed0_choice_table():
-  values = _require(PROC)["numpy_seed0_choice"]["values"]
+  values = PROC["numpy_seed0_choice"]["values"]
   assert len(values) == 200
   assert [answers_lib.seed0_choice(n) for n in range(1, 201)] == values
 
 
 @pytest.mark.parametrize("case", _case_params(PROC))
 def test_golden_answer_processor(case):
-  doc = _require(PROC)
+  doc = PROC
   vocab = AnswerVocab.from_words(doc["vocab"])
   params = doc["processor_params"]
   ctx = make_context_tokens(case["ocr_tokens_raw"], max_length=params["max_length"])
@@ -244,7 +235,7 @@ def test_word_tokenize_rule():
 
 @pytest.mark.parametrize("case", _case_params(DECODE))
 def test_golden_decode_answer(case):
-  doc = _require(DECODE)
+  doc = DECODE
   vocab = AnswerVocab.from_words(doc["vocab"])
   assert vocab.eos_idx == doc["eos_idx"]
   ctx = make_context_tokens(case["ocr_tokens_raw"])
@@ -255,7 +246,7 @@ def test_golden_decode_answer(case):
 
 
 def test_golden_decode_errors():
-  doc = _require(DECODE)
+  doc = DECODE
   vocab = AnswerVocab.from_words(doc["vocab"])
   assert len(doc["errors"]) == 1
   for err in doc["errors"]:
@@ -265,7 +256,7 @@ def test_golden_decode_errors():
 
 
 def test_golden_decode_batch():
-  doc = _require(DECODE)
+  doc = DECODE
   vocab = AnswerVocab.from_words(doc["vocab"])
   inds = np.array([c["pred_inds"] for c in doc["cases"]])
   ctxs = [make_context_tokens(c["ocr_tokens_raw"]) for c in doc["cases"]]

@@ -1,6 +1,6 @@
 """EvalAI normaliser, TextVQA/ST-VQA accuracy, ANLS and prediction files vs upstream goldens.
 
-Goldens: shared/golden/data/evalai.json (110 strings), metrics.json (40 TextVQA items,
+Goldens: tests/golden/data/evalai.json (110 strings), metrics.json (40 TextVQA items,
 40 ST-VQA items, 5 errors) and the batch accuracy of decode_answer.json.
 """
 
@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lfpr_jax.data import metrics
+from tests.golden import GOLDEN
 
-GOLDEN_DATA = Path(__file__).resolve().parents[3] / "shared" / "golden" / "data"
+GOLDEN_DATA = GOLDEN / "data"
 
 
 def _load_json(name: str):
-  path = GOLDEN_DATA / name
-  return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+  return json.loads((GOLDEN_DATA / name).read_text(encoding="utf-8"))
 
 
 EVALAI = _load_json("evalai.json")
@@ -28,23 +27,15 @@ METRICS = _load_json("metrics.json")
 DECODE = _load_json("decode_answer.json")
 
 
-def _require(doc) -> dict:
-  if doc is None:
-    pytest.fail(f"golden data missing under {GOLDEN_DATA} (clone next to shared/).")
-  return doc
-
-
 def _params(doc, key):
-  if doc is None:
-    return [pytest.param(None, id="golden-missing")]
   return [pytest.param(c, id=f"{key}{i}") for i, c in enumerate(doc[key])]
 
 
 def test_golden_case_counts():
-  assert len(_require(EVALAI)["cases"]) == 110
-  assert len(_require(METRICS)["textvqa_items"]) == 40
-  assert len(_require(METRICS)["stvqa_items"]) == 40
-  assert len(_require(METRICS)["errors"]) == 5
+  assert len(EVALAI["cases"]) == 110
+  assert len(METRICS["textvqa_items"]) == 40
+  assert len(METRICS["stvqa_items"]) == 40
+  assert len(METRICS["errors"]) == 5
 
 
 # ------------------------------------------------------------------ normaliser
@@ -52,7 +43,6 @@ def test_golden_case_counts():
 
 @pytest.mark.parametrize("case", _params(EVALAI, "cases"))
 def test_golden_evalai(case):
-  _require(EVALAI)
   proc = metrics.EvalAIAnswerProcessor()
   assert metrics.normalize_answer(case["input"]) == case["output"]
   assert proc(case["input"]) == case["output"]
@@ -95,7 +85,6 @@ def test_normaliser_is_stateless():
 
 @pytest.mark.parametrize("item", _params(METRICS, "textvqa_items"))
 def test_golden_textvqa_item(item):
-  _require(METRICS)
   assert metrics.normalize_answer(item["pred_answer"]) == item["pred_processed"]
   # Bit-exact, including 0.5999999999999999 (float64 sum in answer order).
   assert metrics.textvqa_answer_scores(item["gt_answers"]) == item[
@@ -108,7 +97,6 @@ def test_golden_textvqa_item(item):
 
 @pytest.mark.parametrize("item", _params(METRICS, "stvqa_items"))
 def test_golden_stvqa_item(item):
-  _require(METRICS)
   pred, gts = item["pred_answer"], item["gt_answers"]
   assert metrics.normalize_answer(pred) == item["pred_processed"]
   assert [metrics.normalize_answer(g) for g in gts] == item["gt_processed"]
@@ -121,7 +109,7 @@ def test_golden_stvqa_item(item):
 
 
 def test_golden_means():
-  doc = _require(METRICS)
+  doc = METRICS
   tv = doc["textvqa_items"]
   st = doc["stvqa_items"]
   for key in ("textvqa_accuracy", "stvqa_accuracy"):
@@ -139,7 +127,7 @@ def test_golden_means():
 
 
 def test_golden_errors():
-  errors = {e["call"]: e for e in _require(METRICS)["errors"]}
+  errors = {e["call"]: e for e in METRICS["errors"]}
   assert len(errors) == 5
   for err in errors.values():
     call, inputs, etype = err["call"], err["input"], err["error"]["type"]
@@ -162,7 +150,7 @@ def test_golden_errors():
 
 
 def test_golden_decode_batch_accuracy():
-  doc = _require(DECODE)
+  doc = DECODE
   scores = [metrics.textvqa_accuracy(c["answer"], c["gt_answers"]) for c in doc["cases"]]
   assert scores == [c["textvqa_accuracy"] for c in doc["cases"]]
   assert [metrics.normalize_answer(c["answer"]) for c in doc["cases"]] == [

@@ -1,55 +1,42 @@
-"""PHOC features against the upstream C extension (shared/golden/data/phoc.{json,npz})."""
+"""PHOC features against the upstream C extension (tests/golden/data/phoc.{json,npz})."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lfpr_jax.data import phoc as phoc_lib
 from lfpr_jax.data.text import make_context_tokens, word_tokenize
+from tests.golden import GOLDEN
 
-GOLDEN_DATA = Path(__file__).resolve().parents[3] / "shared" / "golden" / "data"
+GOLDEN_DATA = GOLDEN / "data"
 
 
 def _load_json(name: str):
-  path = GOLDEN_DATA / name
-  return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+  return json.loads((GOLDEN_DATA / name).read_text(encoding="utf-8"))
 
 
-GOLDEN = _load_json("phoc.json")
-
-
-def _require(doc) -> dict:
-  if doc is None:
-    pytest.fail(f"golden data missing under {GOLDEN_DATA} (clone next to shared/).")
-  return doc
+PHOC = _load_json("phoc.json")
 
 
 def _word_params():
-  if GOLDEN is None:
-    return [pytest.param(None, id="golden-missing")]
-  return [pytest.param(w, id=f"word{w['i']}") for w in GOLDEN["words"]]
+  return [pytest.param(w, id=f"word{w['i']}") for w in PHOC["words"]]
 
 
 @pytest.fixture(scope="module")
 def golden_npz():
-  path = GOLDEN_DATA / "phoc.npz"
-  if not path.is_file():
-    pytest.fail(f"golden file missing: {path}")
-  with np.load(path) as z:
+  with np.load(GOLDEN_DATA / "phoc.npz") as z:
     return {k: z[k] for k in z.files}
 
 
 def test_golden_word_count():
-  assert len(_require(GOLDEN)["words"]) == 67
+  assert len(PHOC["words"]) == 67
 
 
 @pytest.mark.parametrize("case", _word_params())
 def test_golden_word(case, golden_npz):
-  _require(GOLDEN)
   word = case["word"]
   assert str(golden_npz["words"][case["i"]]) == word
   assert phoc_lib.phoc_input(word) == case["cphoc_input"]
@@ -63,7 +50,7 @@ def test_golden_word(case, golden_npz):
 
 
 def test_golden_pipeline_matrix(golden_npz):
-  words = [w["word"] for w in _require(GOLDEN)["words"]]
+  words = [w["word"] for w in PHOC["words"]]
   assert golden_npz["phoc"].shape == (67, 604)
   # As the dataset does it: first 100 tokens, simple_word, PhocProcessor rows.
   tokens = [word_tokenize(w) for w in words]
@@ -74,7 +61,7 @@ def test_golden_pipeline_matrix(golden_npz):
 
 
 def test_layout_tables():
-  layout = _require(GOLDEN)["layout"]
+  layout = PHOC["layout"]
   assert layout["size"] == phoc_lib.PHOC_DIM == 604
   assert layout["unigrams"] == phoc_lib.UNIGRAMS
   assert list(layout["bigrams"]) == list(phoc_lib.BIGRAMS)
@@ -90,7 +77,7 @@ def test_float32_boundary_quirk():
 
 
 def test_float64_would_differ_where_the_diagnostics_say():
-  diag = _require(GOLDEN)["diagnostics"]
+  diag = PHOC["diagnostics"]
   assert diag["float32_formula_equals_upstream"] is True
   differs = {d["word"] for d in diag["float64_differs"]}
   assert "abc" in differs and len(diag["float64_differs"]) == 24

@@ -12,7 +12,7 @@ import pytest
 from lfpr_jax.models import batch as batch_lib
 from lfpr_jax.data import pipeline, readers, samples, tfds_builder
 from lfpr_jax.models.config import TapConfig
-from tests.data.test_readers import ANSWER_WORDS, layout_of, write_data_dir
+from tests.data.upstream_layout import ANSWER_WORDS, layout_of, write_data_dir
 
 CONFIG = TapConfig(num_answers=len(ANSWER_WORDS))
 

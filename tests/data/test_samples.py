@@ -11,7 +11,7 @@ from lfpr_jax.data.answers import process_answers
 from lfpr_jax.data.phoc import phoc_matrix
 from lfpr_jax.data.text import make_context_tokens, word_tokenize
 from lfpr_jax.models.config import TapConfig
-from tests.data.test_readers import ANSWER_WORDS, FEAT_DIM, data_dir, layout_of  # noqa: F401
+from tests.data.upstream_layout import ANSWER_WORDS, FEAT_DIM, layout_of
 
 TRAIN_OCR = "ocr_feat_resx/textvqa_conf/train_images"
 

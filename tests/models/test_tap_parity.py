@@ -1,70 +1,167 @@
-"""Parity of the Flax TAP with the upstream PyTorch TAP (../shared/golden/{tap,tap12}).
+"""Parity of the Flax TAP with the upstream PyTorch TAP (tests/golden/{tap,tap12}).
 
 Weights come from the golden numpy rule, mapped through the converter's state-dict
 mapping; every recorded upstream output is compared. Tolerances (issue 3): scores on
 valid slots 1e-4 absolute, losses 1e-5 relative, mask gradients 1e-4 relative to their
 max, greedy argmax equal wherever the upstream top-2 margin exceeds 1e-3.
+
+Full-size compiles dominate this file's time, so each architecture is compiled once
+per process: the plain teacher-forced forward (also driving the 12-pass reference
+loop), one jitted call computing every other run of the unpruned model
+(`unpruned_runs`), and one for the pruned model.
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from converters.torch_to_flax import (PRETRAIN_PREFIXES, infer_config,
-                                      params_to_state_dict, state_dict_to_params)
+from converters.torch_to_flax import PRETRAIN_PREFIXES, params_to_state_dict
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning.surgery import prune
-from tests.conftest import GOLDEN, golden_state_dict
+from tests import golden as golden_files
 
 SCORE_ATOL = 1e-4
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 MARGIN = 1e-3
 ARCHS = ["tap", "tap12"]
+STEPS = (0, 1, 2)  # the LFPR decoding steps t recorded upstream (from 0, contiguous)
+VARIANTS = ("tf", "greedy")
+
+
+def lfpr_gradients(model: TAP, params, inputs, variant: str) -> dict:
+  """The LFPR objective `sum_b max_c scores[b, t, c]` and its mask gradients.
+
+  Masks at ones, for each t in STEPS; `variant` 'tf' (teacher forcing) or 'greedy'.
+  One forward, then one backward per cotangent (vmapped): per t the whole batch, and
+  per (sample, t) a one-hot cotangent, which is that sample's own gradient since
+  samples do not interact.
+
+  Returns arrays with a leading axis over STEPS: `objective` [3], `head_grad`
+  [3, L, 12], `ffn_grad` [3, L, 3072], `objective_per_sample` [3, B],
+  `head_grad_per_sample` [3, B, L, 12], `ffn_grad_per_sample` [3, B, L, 3072].
+  """
+  c = model.config
+  steps = len(STEPS)
+
+  def best(head_mask, ffn_mask):  # [B, steps]: max_c scores[b, t, c]
+    if variant == "tf":
+      scores = model.apply({"params": params}, inputs, head_mask=head_mask,
+                           ffn_mask=ffn_mask)
+    else:
+      # Steps after t do not change step t, so one decode of len(STEPS) steps serves
+      # every t (upstream runs t + 1 passes and differentiates the last).
+      scores, _ = greedy_decode(model, {"params": params}, inputs, num_steps=steps,
+                                head_mask=head_mask, ffn_mask=ffn_mask)
+    return jnp.max(scores[:, :steps], axis=-1)
+
+  ones = (jnp.ones((c.mmt_layers, max(c.mmt_heads))),
+          jnp.ones((c.mmt_layers, max(c.mmt_ffn))))
+  value, vjp = jax.vjp(best, *ones)
+  b = value.shape[0]
+  whole_batch = jnp.broadcast_to(jnp.eye(steps)[:, None, :], (steps, b, steps))
+  per_sample = jnp.eye(b * steps).reshape(b * steps, b, steps)  # row = (sample, t)
+  head, ffn = jax.vmap(vjp)(jnp.concatenate([whole_batch, per_sample]))
+
+  def by_step(g):  # [(sample, t), ...] -> [t, sample, ...]
+    return jnp.swapaxes(g[steps:].reshape(b, steps, *g.shape[1:]), 0, 1)
+  return {"objective": value.sum(0), "head_grad": head[:steps], "ffn_grad": ffn[:steps],
+          "objective_per_sample": value.T, "head_grad_per_sample": by_step(head),
+          "ffn_grad_per_sample": by_step(ffn)}
+
+
+def unpruned_runs(model: TAP, params, inputs, head_mask, ffn_mask) -> dict:
+  """Every run of the unpruned model except the plain forward, for one jitted call.
+
+  `head_mask` [L, 12] / `ffn_mask` [L, 3072]: the binary masks of the golden
+  constraint-0.4 selection. Returns teacher-forced scores [B, 12, C] and the
+  intermediates (the path that computes every MMT row), greedy scores and decoder
+  inputs, the same two runs with the masks as apply arguments, and the LFPR
+  gradients of both variants.
+  """
+  variables = {"params": params}
+  scores, state = model.apply(variables, inputs, mutable=["intermediates"])
+  inter = jax.tree.map(lambda v: v[0], state["intermediates"],
+                       is_leaf=lambda v: isinstance(v, tuple))
+  greedy_scores, greedy_prev = greedy_decode(model, variables, inputs)
+  return {
+      "tf": scores, "intermediates": inter, "greedy": greedy_scores,
+      "greedy_prev": greedy_prev,
+      "masked_tf": model.apply(variables, inputs, head_mask=head_mask, ffn_mask=ffn_mask),
+      "masked_greedy": greedy_decode(model, variables, inputs, head_mask=head_mask,
+                                     ffn_mask=ffn_mask)[0],
+      "lfpr": {v: lfpr_gradients(model, params, inputs, v) for v in VARIANTS},
+  }
+
+
+class CompiledForward:
+  """A `TAP` stand-in whose `apply` is the compiled plain forward (no masks).
+
+  `greedy_decode_reference` runs its 12 passes eagerly around it, so the loop costs
+  no compile of its own.
+  """
+
+  def __init__(self, config, forward):
+    self.config = config
+    self._forward = forward
+
+  def apply(self, variables, inputs, *, head_mask=None, ffn_mask=None):
+    if head_mask is not None or ffn_mask is not None:
+      raise ValueError("CompiledForward runs the unmasked model only; got masks.")
+    return self._forward(variables["params"], inputs)
 
 
 class Golden:
-  """Model, params, batch and upstream outputs of one golden architecture."""
+  """Model, params, batch, upstream outputs and our runs of one golden architecture.
 
-  def __init__(self, arch: str):
-    sd = golden_state_dict(arch)
-    self.state_dict = sd
-    self.config = infer_config(sd)
-    self.params = state_dict_to_params(sd, self.config)
-    self.model = TAP(self.config)
-    self.batch = dict(np.load(GOLDEN / arch / "batch.npz"))
-    self.out = dict(np.load(GOLDEN / arch / "outputs.npz"))
-    self.inputs = model_inputs(self.batch, self.config, with_targets=True)
-    ocr_valid = np.arange(self.config.ocr_max)[None] < self.batch["ocr_num"][:, None]
-    self.valid = np.concatenate(
-        [np.ones((len(ocr_valid), self.config.num_answers), bool), ocr_valid], -1)
-    self.valid = np.broadcast_to(self.valid[:, None], self.out["tf_scores"].shape)
+  Runs are computed on first use and kept for the module (a module-scoped fixture).
+  """
 
-  @functools.cached_property
-  def teacher_forced(self):
-    fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
-                                               mutable=["intermediates"]))
-    scores, state = fn(self.params, self.inputs)
-    inter = jax.tree.map(lambda v: np.asarray(v[0]), state["intermediates"],
-                         is_leaf=lambda v: isinstance(v, tuple))
-    return np.asarray(scores), inter
+  def __init__(self, arch: str, config, params):
+    self.arch = arch
+    self.config = config
+    self.params = params
+    self.model = TAP(config)
+    self.batch = golden_files.batch(arch)
+    self.out = golden_files.outputs(arch)
+    self.pruned_out = golden_files.npz(arch, "outputs_pruned_0.4")
+    self.pruning_meta = golden_files.pruning_meta(arch)
+    self.inputs = model_inputs(self.batch, config, with_targets=True)
+    ocr_valid = np.arange(config.ocr_max)[None] < self.batch["ocr_num"][:, None]
+    valid = np.concatenate(
+        [np.ones((len(ocr_valid), config.num_answers), bool), ocr_valid], -1)
+    self.valid = np.broadcast_to(valid[:, None], self.out["tf_scores"].shape)
+    model = self.model
+    self.forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
 
   @functools.cached_property
-  def greedy(self):
-    fn = jax.jit(lambda p, x: greedy_decode(self.model, {"params": p}, x))
-    return tuple(np.asarray(a) for a in fn(self.params, self.inputs))
+  def runs(self) -> dict:
+    masks = self.pruned_out["head_mask"], self.pruned_out["ffn_mask"]
+    fn = jax.jit(functools.partial(unpruned_runs, self.model))
+    return jax.tree.map(np.asarray, fn(self.params, self.inputs, *masks))
+
+  @functools.cached_property
+  def pruned(self):
+    """(params, config, tf scores, greedy scores, greedy decoder inputs) at 0.4."""
+    params, config = prune(self.params, self.config, self.pruned_out["head_mask"],
+                           self.pruned_out["ffn_mask"])
+    model = TAP(config)
+
+    def run(p, x):
+      return model.apply({"params": p}, x), *greedy_decode(model, {"params": p}, x)
+    return (params, config, *(np.asarray(a) for a in jax.jit(run)(params, self.inputs)))
 
 
-@functools.lru_cache(maxsize=None)
-def golden(arch: str) -> Golden:
-  return Golden(arch)
+@pytest.fixture(scope="module", params=[golden_files.arch_param(a) for a in ARCHS])
+def g(request, golden_models) -> Golden:
+  _, config, params = golden_models.get(request.param)
+  return Golden(request.param, config, params)
 
 
 def assert_scores_close(got, want, valid, what):
@@ -93,10 +190,8 @@ def assert_grad_close(got, want, what):
   assert err <= GRAD_RTOL, f"{what}: max |diff| / max |ref| = {err:.3g} > {GRAD_RTOL}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_intermediate_activations(arch):
-  g = golden(arch)
-  _, inter = g.teacher_forced
+def test_intermediate_activations(g):
+  inter = g.runs["intermediates"]
   pairs = {"txt_emb": "tf_txt_emb", "obj_mmt_in": "tf_obj_mmt_in",
            "ocr_mmt_in": "tf_ocr_mmt_in", "dec_emb": "tf_dec_emb",
            "fixed_scores": "tf_fixed_scores"}
@@ -118,10 +213,8 @@ def test_intermediate_activations(arch):
                       g.valid[..., g.config.num_answers:], "OCR copy scores")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_teacher_forced_scores_and_loss(arch):
-  g = golden(arch)
-  scores, _ = g.teacher_forced
+def test_teacher_forced_scores_and_loss(g):
+  scores = g.runs["tf"]
   assert_scores_close(scores, g.out["tf_scores"], g.valid, "teacher-forced scores")
   assert_argmax_equal(scores, g.out["tf_argmax"], g.out["tf_top2_margin"], "tf argmax")
   loss = m4c_decoding_bce(scores, g.inputs["targets"], g.inputs["train_loss_mask"])
@@ -130,10 +223,8 @@ def test_teacher_forced_scores_and_loss(arch):
   assert np.all(scores[1, :, g.config.num_answers:] < -9000)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_decoding_cached(arch):
-  g = golden(arch)
-  scores, prev = g.greedy
+def test_greedy_decoding_cached(g):
+  scores, prev = g.runs["greedy"], g.runs["greedy_prev"]
   assert_scores_close(scores, g.out["greedy_scores"], g.valid, "greedy scores")
   assert_argmax_equal(scores, g.out["greedy_argmax"], g.out["greedy_top2_margin"],
                       "greedy argmax")
@@ -147,112 +238,76 @@ def test_greedy_decoding_cached(arch):
   assert (prev >= g.config.num_answers).any() and (prev[:, 1:] < g.config.num_answers).any()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_teacher_forcing_on_greedy_inputs(arch):
+def test_teacher_forcing_on_greedy_inputs(g):
   """Independent of argmax ties: feed upstream's final-pass decoder inputs."""
-  g = golden(arch)
   inputs = {**g.inputs, "train_prev_inds": jnp.asarray(g.out["greedy_prev_inds"])}
-  scores = jax.jit(lambda p, x: g.model.apply({"params": p}, x))(g.params, inputs)
+  scores = g.forward(g.params, inputs)
   assert_scores_close(np.asarray(scores), g.out["greedy_scores"], g.valid,
                       "teacher forcing on greedy_prev_inds")
 
 
-def test_reference_loop_equals_cached_and_upstream():
-  g = golden("tap")
-  fn = jax.jit(lambda p, x: greedy_decode_reference(g.model, {"params": p}, x))
-  ref_scores, ref_prev = (np.asarray(a) for a in fn(g.params, g.inputs))
+@pytest.mark.parametrize("g", [golden_files.arch_param("tap")], indirect=True)
+def test_reference_loop_equals_cached_and_upstream(g):
+  model = CompiledForward(g.config, g.forward)
+  ref_scores, ref_prev = (np.asarray(a) for a in
+                          greedy_decode_reference(model, {"params": g.params}, g.inputs))
   assert_scores_close(ref_scores, g.out["greedy_scores"], g.valid, "12-pass loop")
   np.testing.assert_array_equal(ref_prev, g.out["greedy_prev_inds"])
-  scores, prev = g.greedy
+  scores, prev = g.runs["greedy"], g.runs["greedy_prev"]
   np.testing.assert_array_equal(prev, ref_prev)
   assert_scores_close(scores, ref_scores, g.valid, "cached vs 12-pass")
 
 
-STEPS = (0, 1, 2)
-
-
-def _objective(g: Golden, variant: str):
-  """(head_mask, ffn_mask, inputs, t) -> sum_b max_c scores[b, t, c]."""
-  params = g.params
-
-  def objective(head_mask, ffn_mask, inputs, t):
-    if variant == "tf":
-      scores = g.model.apply({"params": params}, inputs, head_mask=head_mask,
-                             ffn_mask=ffn_mask)
-    else:
-      # Steps after t do not change step t, so one decode of max(STEPS) + 1 steps
-      # serves every t (upstream runs t + 1 passes and differentiates the last).
-      scores, _ = greedy_decode(g.model, {"params": params}, inputs,
-                                num_steps=max(STEPS) + 1, head_mask=head_mask,
-                                ffn_mask=ffn_mask)
-    return jnp.sum(jnp.max(jnp.take(scores, t, axis=1), axis=-1))
-  return objective
-
-
-@pytest.mark.parametrize("variant", ["tf", "greedy"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lfpr_mask_gradients(arch, variant):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lfpr_mask_gradients(g, variant):
   """jax.grad w.r.t. the explicit masks equals upstream's LFPR mask gradients."""
-  g = golden(arch)
-  c = g.config
-  ones = (jnp.ones((c.mmt_layers, 12)), jnp.ones((c.mmt_layers, 3072)))
-  ts = jnp.asarray(STEPS)
-  obj = _objective(g, variant)
-  # One forward, one backward per t (vmap over the step index).
-  batch_fn = jax.vmap(jax.value_and_grad(obj, argnums=(0, 1)),
-                      in_axes=(None, None, None, 0))
-  values, (gh, gf) = jax.jit(batch_fn)(*ones, g.inputs, ts)
-  # Per-sample gradients: vmap(grad) over samples (a batch axis of size 1 each).
-  per_sample_fn = jax.vmap(jax.vmap(jax.grad(obj, argnums=(0, 1)),
-                                    in_axes=(None, None, 0, None)),
-                           in_axes=(None, None, None, 0))
-  inputs_1 = jax.tree.map(lambda x: x[:, None], g.inputs)
-  ph, pf = jax.jit(per_sample_fn)(*ones, inputs_1, ts)
+  got = g.runs["lfpr"][variant]
   for i, t in enumerate(STEPS):
     key = f"lfpr_{variant}_%s_t{t}"
-    assert_loss_close(values[i], g.out[key % "objective"], f"objective t={t}")
-    assert_grad_close(gh[i], g.out[key % "head_grad"], f"{variant} head grad t={t}")
-    assert_grad_close(gf[i], g.out[key % "ffn_grad"], f"{variant} ffn grad t={t}")
-    assert_grad_close(ph[i], g.out[key % "head_grad_per_sample"],
-                      f"per-sample head t={t}")
-    assert_grad_close(pf[i], g.out[key % "ffn_grad_per_sample"], f"per-sample ffn t={t}")
-    assert_grad_close((ph[i] ** 2).sum(0), g.out[key % "head_fisher_per_sample"],
+    assert_loss_close(got["objective"][i], g.out[key % "objective"], f"objective t={t}")
+    for b, want in enumerate(g.out[key % "objective_per_sample"]):
+      assert_loss_close(got["objective_per_sample"][i, b], want,
+                        f"objective of sample {b}, t={t}")
+    assert_grad_close(got["head_grad"][i], g.out[key % "head_grad"],
+                      f"{variant} head grad t={t}")
+    assert_grad_close(got["ffn_grad"][i], g.out[key % "ffn_grad"],
+                      f"{variant} ffn grad t={t}")
+    ph, pf = got["head_grad_per_sample"][i], got["ffn_grad_per_sample"][i]
+    assert_grad_close(ph, g.out[key % "head_grad_per_sample"], f"per-sample head t={t}")
+    assert_grad_close(pf, g.out[key % "ffn_grad_per_sample"], f"per-sample ffn t={t}")
+    assert_grad_close((ph ** 2).sum(0), g.out[key % "head_fisher_per_sample"],
                       f"per-sample head Fisher t={t}")
-    assert_grad_close((pf[i] ** 2).sum(0), g.out[key % "ffn_fisher_per_sample"],
+    assert_grad_close((pf ** 2).sum(0), g.out[key % "ffn_fisher_per_sample"],
                       f"per-sample ffn Fisher t={t}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_pruned_model_of_pruning_json(arch):
+def test_pruned_model_of_pruning_json(g):
   """The pruned model (constraint 0.4, some layers with 0 heads) equals upstream,
-  and equals the unpruned model run with the binary masks (surgery = masking)."""
-  g = golden(arch)
-  pruned_out = dict(np.load(GOLDEN / arch / "outputs_pruned_0.4.npz"))
-  meta = json.loads((GOLDEN / arch / "pruning.json").read_text())
+  and equals the unpruned model run with the binary masks (surgery = masking).
+
+  A layer left with 0 heads is also checked on small shapes, pruned against masked
+  (tests/pruning/test_surgery.py), and sliced as upstream on the golden 0.2 selection.
+  """
+  pruned_out, meta = g.pruned_out, g.pruning_meta
   head_mask, ffn_mask = pruned_out["head_mask"], pruned_out["ffn_mask"]
   np.testing.assert_array_equal(head_mask.sum(1), meta["sum"]["0.4"]["cfg_head"])
   np.testing.assert_array_equal(ffn_mask.sum(1), meta["sum"]["0.4"]["cfg_ffn"])
 
-  # Surgery on the Flax tree (tests/test_surgery.py checks it against a transcription
-  # of upstream's create_pruned_model tensor by tensor).
-  params, config = prune(g.params, g.config, head_mask, ffn_mask)
+  # Surgery on the Flax tree (tests/pruning/test_surgery.py checks it against a
+  # transcription of upstream's create_pruned_model tensor by tensor).
+  params, config, tf, gs, _ = g.pruned
   shapes = {k: list(v.shape) for k, v in params_to_state_dict(params, config).items()}
   assert shapes == {k: v for k, v in meta["pruned_state_dict_shapes"].items()
                     if not k.startswith(PRETRAIN_PREFIXES)}
   assert list(config.mmt_heads) == meta["sum"]["0.4"]["cfg_head"]
   assert config.learnable_masks
-  model = TAP(config)
 
-  tf = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g.inputs)
-  tf = np.asarray(tf)
   assert_scores_close(tf, pruned_out["tf_scores"], g.valid, "pruned teacher forcing")
   assert_argmax_equal(tf, pruned_out["tf_argmax"], pruned_out["tf_top2_margin"],
                       "pruned tf argmax")
   loss = m4c_decoding_bce(tf, g.inputs["targets"], g.inputs["train_loss_mask"])
   assert_loss_close(loss, pruned_out["tf_loss"], "pruned loss")
 
-  gs, gp = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, g.inputs)
-  gs, gp = np.asarray(gs), np.asarray(gp)
   assert_scores_close(gs, pruned_out["greedy_scores"], g.valid, "pruned greedy")
   assert_argmax_equal(gs, pruned_out["greedy_argmax"], pruned_out["greedy_top2_margin"],
                       "pruned greedy argmax")
@@ -260,38 +315,7 @@ def test_pruned_model_of_pruning_json(arch):
   assert_loss_close(loss, pruned_out["greedy_loss"], "pruned greedy loss")
 
   # The unpruned model with binary masks as apply arguments.
-  masked = jax.jit(lambda p, x, h, f: g.model.apply({"params": p}, x, head_mask=h,
-                                                     ffn_mask=f))(
-      g.params, g.inputs, head_mask, ffn_mask)
-  assert_scores_close(np.asarray(masked), pruned_out["masked_full_tf_scores"], g.valid,
+  assert_scores_close(g.runs["masked_tf"], pruned_out["masked_full_tf_scores"], g.valid,
                       "masked unpruned teacher forcing")
-  mg, _ = jax.jit(lambda p, x, h, f: greedy_decode(g.model, {"params": p}, x,
-                                                   head_mask=h, ffn_mask=f))(
-      g.params, g.inputs, head_mask, ffn_mask)
-  assert_scores_close(np.asarray(mg), pruned_out["masked_full_greedy_scores"], g.valid,
-                      "masked unpruned greedy")
-
-
-def test_pruned_layer_without_heads_equals_masking():
-  """Constraint 0.2 of the golden selection leaves MMT layer 1 with 0 heads: the
-  sliced model (zero-size blocks dropped) equals the unpruned model with the masks."""
-  g = golden("tap")
-  pruning = np.load(GOLDEN / "tap" / "pruning.npz")
-  head_mask, ffn_mask = pruning["sum_0.2_head_mask"], pruning["sum_0.2_ffn_mask"]
-  assert (head_mask.sum(1) == 0).any()
-  params, config = prune(g.params, g.config, head_mask, ffn_mask)
-  assert 0 in config.mmt_heads
-  model = TAP(config)
-  pruned = jax.jit(lambda p, x: greedy_decode(model, {"params": p}, x))(params, g.inputs)
-  masked = jax.jit(lambda p, x, h, f: greedy_decode(g.model, {"params": p}, x,
-                                                    head_mask=h, ffn_mask=f))(
-      g.params, g.inputs, head_mask, ffn_mask)
-  assert_scores_close(np.asarray(pruned[0]), np.asarray(masked[0]), g.valid,
-                      "0-head pruned vs masked (greedy)")
-  np.testing.assert_array_equal(np.asarray(pruned[1]), np.asarray(masked[1]))
-  tf = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g.inputs)
-  tf_masked = jax.jit(lambda p, x, h, f: g.model.apply({"params": p}, x, head_mask=h,
-                                                        ffn_mask=f))(
-      g.params, g.inputs, head_mask, ffn_mask)
-  assert_scores_close(np.asarray(tf), np.asarray(tf_masked), g.valid,
-                      "0-head pruned vs masked (teacher forcing)")
+  assert_scores_close(g.runs["masked_greedy"], pruned_out["masked_full_greedy_scores"],
+                      g.valid, "masked unpruned greedy")

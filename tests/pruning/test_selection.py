@@ -1,7 +1,5 @@
 """Selection heuristics (LFPR.md §4): upstream's outputs and a brute-force oracle."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -10,7 +8,7 @@ from lfpr_jax.models.config import TapConfig
 from lfpr_jax.pruning.selection import (ParamCosts, cfg_txt, full_mmt_params, layer_params,
                                 mmt_params, param_costs, parse_cfg_txt, select_sum,
                                 select_thre)
-from tests.conftest import GOLDEN
+from tests import golden
 
 TAP = TapConfig.tap()
 TAP12 = TapConfig.tap12()
@@ -20,9 +18,7 @@ PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
 def golden_pruning(arch):
-  npz = dict(np.load(GOLDEN / arch / "pruning.npz"))
-  meta = json.loads((GOLDEN / arch / "pruning.json").read_text())
-  return npz, meta
+  return golden.npz(arch, "pruning"), golden.pruning_meta(arch)
 
 
 # Parameter accounting (invariant 5) -----------------------------------------------

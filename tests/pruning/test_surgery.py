@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import json
 
 import flax
 import jax
@@ -18,7 +17,7 @@ from lfpr_jax.models.params import abstract_params, check_params
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning.selection import mmt_params
 from lfpr_jax.pruning.surgery import prune
-from tests.conftest import GOLDEN, golden_state_dict
+from tests import golden
 from tests.helpers import random_batch
 
 ATOL = 1e-5
@@ -63,18 +62,12 @@ def assert_trees_equal(got, want):
 
 
 # (a) Upstream's slicing on the golden weights and selections ---------------------
-@functools.lru_cache(maxsize=None)
-def golden_model(arch):
-  sd = golden_state_dict(arch)
-  config = infer_config(sd)
-  return sd, config, state_dict_to_params(sd, config)
-
-
+@pytest.mark.xdist_group("golden_tap")  # shares the golden TAP with the parity tests
 @pytest.mark.parametrize("constraint", ["0.4", "0.2"])
-def test_prune_equals_upstream_create_pruned_model(constraint):
-  sd, config, params = golden_model("tap")
-  pruning = np.load(GOLDEN / "tap" / "pruning.npz")
-  meta = json.loads((GOLDEN / "tap" / "pruning.json").read_text())
+def test_prune_equals_upstream_create_pruned_model(constraint, golden_models):
+  sd, config, params = golden_models.get("tap")
+  pruning = golden.npz("tap", "pruning")
+  meta = golden.pruning_meta("tap")
   head_mask = pruning[f"sum_{constraint}_head_mask"]
   ffn_mask = pruning[f"sum_{constraint}_ffn_mask"]
 
@@ -133,16 +126,29 @@ def small_setup():
   return params, inputs, valid
 
 
-@functools.lru_cache(maxsize=None)
-def runners(config):
-  model = TAP(config)
-  tf = jax.jit(lambda p, x, h, f: model.apply({"params": p}, x, head_mask=h, ffn_mask=f))
-  greedy = jax.jit(lambda p, x, h, f: greedy_decode(model, {"params": p}, x,
-                                                    head_mask=h, ffn_mask=f))
-  return tf, greedy
+class Runners:
+  """Jitted teacher forcing and greedy decoding per config, compiled once per module."""
+
+  def __init__(self):
+    self._by_config = {}
+
+  def __call__(self, config):
+    if config not in self._by_config:
+      model = TAP(config)
+      tf = jax.jit(lambda p, x, h, f: model.apply({"params": p}, x, head_mask=h,
+                                                   ffn_mask=f))
+      greedy = jax.jit(lambda p, x, h, f: greedy_decode(model, {"params": p}, x,
+                                                        head_mask=h, ffn_mask=f))
+      self._by_config[config] = tf, greedy
+    return self._by_config[config]
 
 
-def outputs(params, config, inputs, head_mask=None, ffn_mask=None):
+@pytest.fixture(scope="module")
+def runners():
+  return Runners()
+
+
+def outputs(runners, params, config, inputs, head_mask=None, ffn_mask=None):
   tf, greedy = runners(config)
   scores, prev = greedy(params, inputs, head_mask, ffn_mask)
   forced = tf(params, {**inputs, "train_prev_inds": prev}, head_mask, ffn_mask)
@@ -180,7 +186,7 @@ MASK_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(MASK_CASES))
-def test_pruned_equals_masked(case):
+def test_pruned_equals_masked(case, runners):
   params, inputs, valid = small_setup()
   head_mask, ffn_mask = MASK_CASES[case]
   pruned, config = prune(params, SMALL, head_mask, ffn_mask)
@@ -188,15 +194,16 @@ def test_pruned_equals_masked(case):
   assert config.mmt_heads == tuple(head_mask.sum(1).astype(int))
   assert config.mmt_ffn == tuple(ffn_mask.sum(1).astype(int))
   assert config.learnable_masks
-  want = outputs(params, SMALL, inputs, head_mask, ffn_mask)
-  got = outputs(pruned, config, inputs)
+  want = outputs(runners, params, SMALL, inputs, head_mask, ffn_mask)
+  got = outputs(runners, pruned, config, inputs)
   assert_same_outputs(got, want, valid, case)
   # The masks are not a no-op on this model (the comparison has teeth).
-  full = outputs(params, SMALL, inputs, np.ones_like(head_mask), np.ones_like(ffn_mask))
+  full = outputs(runners, params, SMALL, inputs, np.ones_like(head_mask),
+                 np.ones_like(ffn_mask))
   assert np.abs(np.where(valid, full[0] - want[0], 0)).max() > 1e-3
 
 
-def test_learnable_masks_are_sliced_or_folded():
+def test_learnable_masks_are_sliced_or_folded(runners):
   """A model with (trained, non-unit) masks: surgery keeps what it computes."""
   params, inputs, valid = small_setup()
   ones = (np.ones((2, 4)), np.ones((2, 48)))
