@@ -1,7 +1,5 @@
 """Variable-length execution (lfpr_jax.models.trim): trimmed TAP == padded TAP."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
