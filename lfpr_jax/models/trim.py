@@ -48,6 +48,10 @@ shape depends on these fields, so the trimmed TAP loads the same params.
 target 0 at -10000 contributes log1p(exp(-10000)) = 0 in float32). `targets` are cut
 the same way by `trim_batch`, which raises if a dropped column holds a non-zero target.
 
+Exactness holds in eval mode. With dropout on (`train=True`) the trimmed model draws
+its dropout masks for arrays of other shapes, so it is a different (equally
+distributed) random draw than the padded model's for the same key.
+
 Several processes (multi-host jit with shardings) must trim to equal shapes:
 `trim_batch(global_lengths=...)` maps the local per-segment maxima to the global ones;
 the default (`default_global_lengths`) is the identity on one process and an
