@@ -301,7 +301,8 @@ class TextBert(nn.Module):
     c = self.config
     n = text.shape[1]
     positions = jnp.arange(n) if position_ids is None else jnp.asarray(position_ids)
-    positions = jnp.broadcast_to(positions, text.shape)
+    if positions.ndim == 1:
+      positions = positions[None]  # [1, n], shared by the batch
     # Hard-coded token types: question positions are 0, everything after is 1.
     types = (positions >= c.question_len).astype(jnp.int32)
     e = self.word(text) + self.position(positions) + self.token_type(types)
