@@ -320,13 +320,26 @@ class TextBert(nn.Module):
     self.layers = [BertLayer(c.text_heads, c.text_ffn, c, name=f"layer_{i}")
                    for i in range(c.text_bert_layers)]
 
-  def __call__(self, text: Array, *, train: bool = False) -> Array:
+  def __call__(self, text: Array, *, position_ids: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """Text-BERT over `text` `[B, n]`.
+
+    Args:
+      text: wordpiece ids `[B, n]` (0 = padding, masked as a key).
+      position_ids: optional `[n]` or `[B, n]` column positions in the full-length
+        `cmb_text`; default `arange(n)`. A length-trimmed batch
+        (`lfpr_jax.models.trim`) passes the original columns, so every kept
+        wordpiece gets the position embedding and token type of the padded model.
+      train: dropout on.
+    """
     c = self.config
     n = text.shape[1]
-    positions = jnp.arange(n)
+    positions = jnp.arange(n) if position_ids is None else jnp.asarray(position_ids)
+    if positions.ndim == 1:
+      positions = positions[None]  # [1, n], shared by the batch
     # Hard-coded token types: question positions are 0, everything after is 1.
     types = (positions >= c.question_len).astype(jnp.int32)
-    e = self.word(text) + self.position(positions)[None] + self.token_type(types)[None]
+    e = self.word(text) + self.position(positions) + self.token_type(types)
     x = self.dropout(self.emb_ln(e), deterministic=not train)
     mask = additive_mask(text != 0)[:, None, None, :]
     for i, layer in enumerate(self.layers):
@@ -396,7 +409,9 @@ class TAP(nn.Module):
     cmb_text [B, 170] int, image_feature_0 [B, 100, 2048], obj_bbox_coordinates
     [B, 100, 4], obj_num [B], image_feature_1 [B, 100, 2048], context_feature_0
     [B, 100, 300], context_feature_1 [B, 100, 604], ocr_bbox_coordinates [B, 100, 4],
-    ocr_num [B], train_prev_inds [B, 12] int.
+    ocr_num [B], train_prev_inds [B, 12] int; optionally text_position_ids [n] or
+    [B, n] int (the `cmb_text` column of each text row, set by
+    `lfpr_jax.models.trim.trim_batch`; default arange).
   """
   config: TapConfig
 
@@ -453,7 +468,8 @@ class TAP(nn.Module):
   def _inputs(self, batch: dict[str, Array], train: bool) -> dict[str, Array]:
     """Text-BERT, object and OCR encoders: everything that precedes the MMT."""
     c = self.config
-    txt = self.text_bert(batch["cmb_text"], train=train)
+    txt = self.text_bert(batch["cmb_text"], train=train,
+                         position_ids=batch.get("text_position_ids"))
     obj = self._encode_obj(batch, train)
     ocr = self._encode_ocr(batch, train)
     self.sow("intermediates", "txt_emb", txt)

@@ -1,0 +1,292 @@
+"""Padded vs length-trimmed TAP (`lfpr_jax.models.trim`) on the CPU, side by side.
+
+Run from the repository root (about 10 minutes on 2 quiet cores, most of it compiling
+one program per trimmed shape):
+
+  python -m benchmarks.trim_speed --batch 16 --batches 3 --repeats 3 \
+      --out benchmarks/results/trim_speed.json
+
+Full-size TAP, float32, random weights (`init_params`). Batches follow a TextVQA-like
+length distribution (`textvqa_like_lengths`): questions of 5-14 words (about 1.2
+wordpieces per word plus [CLS]/[SEP]), no OCR token for 15% of images, otherwise
+typically 5-40 tokens and rarely up to 100 (1.5 wordpieces each in the text stream),
+10-100 objects with 70% of images at 100 (the object-name stream, 50 wordpieces, is
+almost always full). Stages, each padded (always 382 MMT rows) and trimmed (bucketed
+to the batch's longest valid lengths, `trim.DEFAULT_BUCKETS` unless `--buckets`):
+
+  forward   teacher-forced scores, eval mode (the trimmed one includes
+            `restore_scores`, on device);
+  greedy    cached greedy decoding, 12 steps (`greedy_decode`).
+
+Every program is compiled ahead of time (reported, not timed). The timed calls
+alternate padded / trimmed batch by batch, so machine noise (the machine is shared)
+hits both alike; `/proc/loadavg` is recorded before and after. Host-side trimming
+(`trim_batch`) is timed separately. Also reported, without running anything: the
+FLOP fraction a trimmed batch executes (`benchmarks.common` FLOP counts), as the mean
+over `--simulate` random batches, and the number of distinct shapes they produce, for
+several bucket sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from lfpr_jax.models import trim
+from lfpr_jax.models.batch import model_inputs
+from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.params import init_params
+from lfpr_jax.models.tap import TAP
+
+BUCKET_SETS = {
+    "pow2 (8,16,32,64) [default]": (8, 16, 32, 64),
+    "multiples of 8": tuple(range(8, 100, 8)),
+    "multiples of 16": tuple(range(16, 100, 16)),
+    "none (full size)": (10_000,),
+}
+
+
+def textvqa_like_lengths(rng: np.random.Generator, config: TapConfig, batch_size: int
+                         ) -> np.ndarray:
+  """Per-example valid lengths `[B, 5]` (`trim.SEGMENTS` order) of TextVQA-like images."""
+  c = config
+  out = []
+  for _ in range(batch_size):
+    words = int(rng.integers(5, 15))
+    q = min(c.question_len, 2 + int(round(words * rng.uniform(1.0, 1.4))))
+    if rng.random() < 0.15:
+      n_ocr = 0
+    elif rng.random() < 0.9:
+      n_ocr = int(rng.integers(5, 41))
+    else:
+      n_ocr = int(rng.integers(41, c.ocr_max + 1))
+    o = min(c.ocr_text_len, 2 + int(round(n_ocr * rng.uniform(1.2, 1.8))))
+    n_obj = c.obj_max if rng.random() < 0.7 else int(rng.integers(10, c.obj_max))
+    t = min(c.obj_text_len, 2 + int(round(n_obj * 1.3)))
+    out.append((q, o, t, n_obj, min(n_ocr, c.ocr_max)))
+  return np.asarray(out)
+
+
+def make_batch(rng: np.random.Generator, config: TapConfig, lengths: np.ndarray
+               ) -> dict[str, np.ndarray]:
+  """`common.random_batch` with the given per-example lengths imposed (model inputs)."""
+  c = config
+  b = common.random_batch(rng, c, len(lengths))
+  text = np.zeros_like(b["cmb_text"])
+  starts = (0, c.question_len, c.question_len + c.ocr_text_len)
+  for i, row in enumerate(lengths):
+    for k, (start, n) in enumerate(zip(starts, row[:3])):
+      text[i, start] = 101 if k == 0 else 102
+      text[i, start + 1:start + n - 1] = rng.integers(1000, 30522, max(n - 2, 0))
+      text[i, start + n - 1] = 102
+  b["cmb_text"] = text
+  b["obj_num"], b["ocr_num"] = lengths[:, 3], lengths[:, 4]
+  obj_valid = (np.arange(c.obj_max)[None] < lengths[:, 3:4])[..., None]
+  ocr_valid = (np.arange(c.ocr_max)[None] < lengths[:, 4:5])[..., None]
+  for name in ("image_feature_0", "obj_bbox_coordinates"):
+    b[name] = b[name] * obj_valid
+  for name in ("image_feature_1", "context_feature_0", "context_feature_1",
+               "ocr_bbox_coordinates"):
+    b[name] = b[name] * ocr_valid
+  # Copies of OCR slots that no longer exist become answer words.
+  prev = b["train_prev_inds"]
+  bad = (prev >= c.num_answers) & (prev - c.num_answers >= lengths[:, 4:5])
+  b["train_prev_inds"] = np.where(bad, 4, prev)
+  b["targets"][..., c.num_answers:] *= ocr_valid[:, None, :, 0]
+  return {k: np.asarray(v) for k, v in model_inputs(b, c, with_targets=True).items()}
+
+
+def flop_fraction(config: TapConfig, trimmed: TapConfig) -> dict[str, float]:
+  return {"forward": common.forward_flops(trimmed)["total"]
+                     / common.forward_flops(config)["total"],
+          "greedy": common.greedy_cached_flops(trimmed)
+                    / common.greedy_cached_flops(config)}
+
+
+def simulate(config: TapConfig, batch_size: int, n: int, seed: int) -> dict[str, Any]:
+  """Mean FLOP fraction and distinct shapes over n random batches, per bucket set."""
+  rng = np.random.default_rng(seed)
+  maxima = [textvqa_like_lengths(rng, config, batch_size).max(0) for _ in range(n)]
+  full = trim.segment_sizes(config)
+  out = {}
+  for name, buckets in BUCKET_SETS.items():
+    sizes = [tuple(trim.bucket_size(int(m), f, buckets) for m, f in zip(mx, full))
+             for mx in maxima]
+    fr = [flop_fraction(config, trim.trimmed_config(config, s)) for s in sizes]
+    out[name] = {
+        "possible_shapes": trim.num_shapes(config, buckets),
+        "distinct_shapes": len(set(sizes)),
+        "forward_flop_fraction": statistics.mean(f["forward"] for f in fr),
+        "greedy_flop_fraction": statistics.mean(f["greedy"] for f in fr),
+    }
+  # Order-free stages: a pool of n batches sorted by total length, then cut in order.
+  pool = np.concatenate([textvqa_like_lengths(rng, config, batch_size)
+                         for _ in range(n)])
+  pool = pool[trim.sort_by_length(np.arange(len(pool)), pool.sum(1))[0]]
+  sizes = [tuple(trim.bucket_size(int(m), f, trim.DEFAULT_BUCKETS)
+                 for m, f in zip(pool[i:i + batch_size].max(0), full))
+           for i in range(0, len(pool), batch_size)]
+  fr = [flop_fraction(config, trim.trimmed_config(config, s)) for s in sizes]
+  out["pow2, pool sorted by total length (sort_by_length)"] = {
+      "distinct_shapes": len(set(sizes)),
+      "forward_flop_fraction": statistics.mean(f["forward"] for f in fr),
+      "greedy_flop_fraction": statistics.mean(f["greedy"] for f in fr)}
+  exact = [flop_fraction(config, trim.trimmed_config(
+      config, [max(int(m), 1) for m in mx])) for mx in maxima]
+  out["exact lengths (no buckets)"] = {
+      "forward_flop_fraction": statistics.mean(f["forward"] for f in exact),
+      "greedy_flop_fraction": statistics.mean(f["greedy"] for f in exact)}
+  return out
+
+
+def loadavg() -> Optional[str]:
+  try:
+    with open("/proc/loadavg") as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--arch", default="tap", choices=("tap", "tap12"))
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--batches", type=int, default=3, help="distinct random batches")
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds over all batches")
+  p.add_argument("--stages", default="forward,greedy")
+  p.add_argument("--buckets", default=None,
+                 help="comma-separated bucket sizes (default trim.DEFAULT_BUCKETS)")
+  p.add_argument("--simulate", type=int, default=2000,
+                 help="random batches for the FLOP-fraction statistics")
+  p.add_argument("--sorted-pool", type=int, default=0,
+                 help="if > 0: time batches cut from this many batches' worth of "
+                      "examples sorted by total length (trim.sort_by_length)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="JSON output path")
+  args = p.parse_args(argv)
+  if args.batch < 1 or args.batches < 1 or args.repeats < 1:
+    p.error("--batch, --batches and --repeats must be >= 1")
+  args.stages = [s for s in args.stages.split(",") if s]
+  if not set(args.stages) <= {"forward", "greedy"} or not args.stages:
+    p.error("--stages must name forward and/or greedy")
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  config = common.make_config(args.arch)
+  buckets = (trim.DEFAULT_BUCKETS if args.buckets is None
+             else tuple(int(x) for x in args.buckets.split(",")))
+  rng = np.random.default_rng(args.seed)
+  params = init_params(config, jax.random.key(args.seed))
+
+  def forward(c):
+    model = TAP(c)
+    return lambda p, x: model.apply({"params": p}, x)
+
+  def greedy(c):
+    model = TAP(c)
+    return lambda p, x: greedy_decode(model, {"params": p}, x)
+
+  stage_fns = {"forward": forward, "greedy": greedy}
+  batches = []
+  if args.sorted_pool:
+    # Batches cut from a sorted pool of sorted_pool batches (an order-free stage
+    # using sort_by_length): evenly spaced slices, short to long.
+    pool = np.concatenate([textvqa_like_lengths(rng, config, args.batch)
+                           for _ in range(args.sorted_pool)])
+    pool = pool[trim.sort_by_length(np.arange(len(pool)), pool.sum(1))[0]]
+    starts = np.linspace(0, len(pool) - args.batch, args.batches).astype(int)
+  for i in range(args.batches):
+    if args.sorted_pool:
+      lengths = pool[starts[i]:starts[i] + args.batch]
+    else:
+      lengths = textvqa_like_lengths(rng, config, args.batch)
+    padded = make_batch(rng, config, lengths)
+    t0 = time.perf_counter()
+    trimmed, tc, info = trim.trim_batch(padded, config, buckets=buckets)
+    trim_s = time.perf_counter() - t0
+    padded = jax.device_put(padded)
+    trimmed = jax.device_put({k: v for k, v in trimmed.items()})
+    batches.append(dict(padded=padded, trimmed=trimmed, config=tc, info=info,
+                        trim_s=trim_s, lengths=info.lengths, sizes=info.sizes,
+                        flop_fraction=flop_fraction(config, tc)))
+    common.log(f"batch {i}: longest {info.lengths} -> sizes {info.sizes}, MMT rows "
+               f"{tc.mmt_len} of {config.mmt_len}")
+
+  load_before = loadavg()
+  results: dict[str, Any] = {}
+  for stage in args.stages:
+    compiled, compile_s = {}, {"padded": 0.0, "trimmed": 0.0}
+    t0 = time.perf_counter()
+    compiled["padded"] = jax.jit(stage_fns[stage](config)).lower(
+        params, batches[0]["padded"]).compile()
+    compile_s["padded"] = time.perf_counter() - t0
+    for bt in batches:
+      key = ("trimmed", bt["config"])  # may equal config, but takes position ids
+      if key not in compiled:
+        t0 = time.perf_counter()
+        fn = stage_fns[stage](bt["config"])
+        if stage == "forward":  # restore the full score width, as a caller would
+          inner, info = fn, bt["info"]
+          fn = lambda p, x, inner=inner, info=info: trim.restore_scores(  # noqa: E731
+              inner(p, x), config, info)
+        compiled[key] = jax.jit(fn).lower(params, bt["trimmed"]).compile()
+        compile_s["trimmed"] += time.perf_counter() - t0
+    common.log(f"[{stage}] compiled {len(compiled)} programs "
+               f"(padded {compile_s['padded']:.1f} s, trimmed {compile_s['trimmed']:.1f} s)")
+    times = {"padded": [[] for _ in batches], "trimmed": [[] for _ in batches]}
+    for r in range(args.repeats + 1):  # round 0 is the excluded warm-up
+      for i, bt in enumerate(batches):
+        for kind in ("padded", "trimmed"):
+          fn = compiled["padded" if kind == "padded" else ("trimmed", bt["config"])]
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(params, bt[kind]))
+          dt = time.perf_counter() - t0
+          if r:
+            times[kind][i].append(dt)
+      common.log(f"[{stage}] round {r}{' (warm-up)' if not r else ''} done")
+    per_batch = []
+    for i, bt in enumerate(batches):
+      pad, cut = statistics.median(times["padded"][i]), statistics.median(
+          times["trimmed"][i])
+      per_batch.append({"sizes": bt["sizes"], "padded_s": pad, "trimmed_s": cut,
+                        "speedup": pad / cut,
+                        "flop_fraction": bt["flop_fraction"][stage]})
+    tot_pad = sum(b["padded_s"] for b in per_batch)
+    tot_cut = sum(b["trimmed_s"] for b in per_batch)
+    results[stage] = {"compile_s": compile_s, "programs": len(compiled),
+                      "per_batch": per_batch, "padded_total_s": tot_pad,
+                      "trimmed_total_s": tot_cut, "speedup": tot_pad / tot_cut,
+                      "time_fraction": tot_cut / tot_pad,
+                      "flop_fraction": statistics.mean(
+                          b["flop_fraction"] for b in per_batch)}
+    common.log(f"[{stage}] padded {tot_pad:.2f} s, trimmed {tot_cut:.2f} s over "
+               f"{len(batches)} batches: speed-up x{tot_pad / tot_cut:.2f}, FLOP "
+               f"fraction {results[stage]['flop_fraction']:.3f}")
+  result = {
+      "arch": args.arch, "batch": args.batch, "batches": args.batches,
+      "repeats": args.repeats, "buckets": list(buckets), "seed": args.seed,
+      "sorted_pool": args.sorted_pool,
+      "loadavg_before": load_before, "loadavg_after": loadavg(),
+      "cpu": common.cpu_model(), "jax": jax.__version__,
+      "trim_batch_host_s": [b["trim_s"] for b in batches],
+      "stages": results,
+      "simulated": simulate(config, args.batch, args.simulate, args.seed + 1),
+  }
+  print(json.dumps(result, indent=1))
+  if args.out:
+    common.write_json(args.out, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()
