@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-# Questions of the splits that are built (TextVQA: LFPR.md §6.1 / §7.1; ST-VQA
-# imdb_subtrain ≈ 23,446 (LFPR.md §6.1); imdb_subval = the rest of the 26,308 ST-VQA
+# Questions of the splits that are built (TextVQA: docs/LFPR.md §6.1 / §7.1; ST-VQA
+# imdb_subtrain ≈ 23,446 (docs/LFPR.md §6.1); imdb_subval = the rest of the 26,308 ST-VQA
 # train questions (Biten et al. 2019, Task 3 train) ≈ 2,862).
 SPLITS = {"TextVQA train": 34602, "TextVQA val": 5000,
           "ST-VQA subtrain": 23446, "ST-VQA subval": 2862}

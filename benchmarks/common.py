@@ -30,7 +30,7 @@ from lfpr_jax.models.config import KNOWN_ARCHS, TapConfig
 SCHEMA = "lfpr_jax.benchmarks.tap_cpu/1"
 
 # Upstream PyTorch TAP on machines of this kind (2 cores, torch 2.13 CPU, 2 threads,
-# full TAP, batch 16, float32, median of 5; ../shared/golden/README.md). Read-only.
+# full TAP, batch 16, float32, median of 5; `golden/README.md` (docs/README.md §4)). Read-only.
 UPSTREAM = types.MappingProxyType({
     "source": "upstream PyTorch TAP (m4c_split), torch 2.13 CPU, 2 threads, full TAP, "
               "batch 16, float32, median of 5 (shared/golden/README.md)",
@@ -148,7 +148,7 @@ def _boxes(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 
 def random_batch(rng: np.random.Generator, config: TapConfig, batch_size: int
                  ) -> dict[str, np.ndarray]:
-  """A random batch shaped and laid out like a real TextVQA batch (TAP.md §3.2, §3.5).
+  """A random batch shaped and laid out like a real TextVQA batch (docs/TAP.md §3.2, §3.5).
 
   `cmb_text` holds `[CLS] question [SEP] 0.. | [SEP] ocr words [SEP] 0.. | [SEP]
   object tags [SEP] 0..` with random wordpiece ids in [1000, 30522) and random segment

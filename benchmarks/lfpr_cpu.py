@@ -81,7 +81,7 @@ SCHEMA = "lfpr_jax.benchmarks.lfpr_cpu/1"
 BOS_INDEX = 1
 # The paper's c = 0.4 TAP (11.4 M MMT parameters): per-layer heads and FFN widths.
 PRUNED_C04 = {"heads": (5, 3, 1, 2), "ffn": (1511, 1494, 1483, 1480)}
-# ../shared/golden/README.md: one upstream LFPR scoring batch of 8 at t = 0.
+# `golden/README.md` (docs/README.md §4): one upstream LFPR scoring batch of 8 at t = 0.
 UPSTREAM_SCORING = {
     "source": "upstream LFPR (m4c_lfpr_calc_score), torch 2.13 CPU, 2 threads, full "
               "TAP, one scoring batch of 8 at t = 0 (1 pass + backward to the masks) "

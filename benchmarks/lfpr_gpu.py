@@ -71,10 +71,10 @@ NUM_SCORING = 3000
 POOL = 128
 SUBSET_10PCT = 3460   # 0.1 x 34,602 TextVQA training questions
 SUBSET_73PCT = 25260  # 0.73 x 34,602
-UPSTREAM_STEPS_73PCT = 1586  # LFPR.md §6.2 (DDP padding; 11/15 of the set)
+UPSTREAM_STEPS_73PCT = 1586  # docs/LFPR.md §6.2 (DDP padding; 11/15 of the set)
 PAPER = {"c04_73pct_k2_gpu_hours": 0.58, "c08_10pct_k0_gpu_hours": 0.30,
          "hardware": "2 x TitanXP (GPU-hours: both GPUs counted)",
-         "source": "LFPR README table (shared/spec/LFPR.md §7.3)"}
+         "source": "LFPR README table (docs/LFPR.md §7.3)"}
 
 
 # For `--tiny` smoke tests of the script itself (CPU, seconds); the full vocabulary,

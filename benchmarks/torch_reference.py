@@ -8,7 +8,7 @@ PyTorch is NOT a dependency of lfpr_jax; use a separate venv (a CPU wheel of tor
       --repeats 5 --out benchmarks/results/torch_reference.json
 
 Check that this re-implementation computes what upstream computes (the golden
-fixtures that the upstream code produced, ../shared/golden; a few seconds):
+fixtures that the upstream code produced, `golden` (docs/README.md §4); a few seconds):
 
   /tmp/bvenv/bin/python -m benchmarks.torch_reference --check-golden ../shared/golden
 
@@ -354,7 +354,7 @@ class TorchTAP(nn.Module):
     self.obj_faster_rcnn_fc7 = ImageEncoder(c.fc7_dim)
     self.linear_obj_feat_to_mmt_in = nn.Linear(c.fc7_dim, d)
     self.linear_obj_bbox_to_mmt_in = nn.Linear(4, d)
-    # BertLayerNorm(hidden) without eps: the torch default 1e-5 (TAP.md §4.3).
+    # BertLayerNorm(hidden) without eps: the torch default 1e-5 (docs/TAP.md §4.3).
     self.obj_feat_layer_norm = nn.LayerNorm(d)
     self.obj_bbox_layer_norm = nn.LayerNorm(d)
     self.obj_drop = nn.Dropout(c.obj_dropout)

@@ -1,4 +1,4 @@
-"""Upstream's adaptive ReSt schedules as data (LFPR.md §6.7) and config defaults.
+"""Upstream's adaptive ReSt schedules as data (docs/LFPR.md §6.7) and config defaults.
 
 Each schedule maps a pruning target to (retraining subset %, trainable trailing MMT
 layers k): a constraint c for the "sum" heuristic, a percentile p for "thre". The
@@ -36,7 +36,7 @@ THRE: dict[tuple[str, str], Schedule] = {
 
 
 def prune_section(**overrides) -> ml_collections.ConfigDict:
-  """`config.prune`: scoring and selection (upstream defaults, LFPR.md §2-4)."""
+  """`config.prune`: scoring and selection (upstream defaults, docs/LFPR.md §2-4)."""
   section = ml_collections.ConfigDict(dict(
       heuristic="sum",           # "sum" (constraints) or "thre" (percentiles)
       constraints=(0.4,),        # kept fraction of the MMT encoder parameters
@@ -69,7 +69,7 @@ def speed_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def rest_section(model: str, dataset: str, **overrides) -> ml_collections.ConfigDict:
-  """`config.rest`: ReSt retraining (LFPR.md §6) with the schedule of (model, dataset)."""
+  """`config.rest`: ReSt retraining (docs/LFPR.md §6) with the schedule of (model, dataset)."""
   section = ml_collections.ConfigDict(dict(
       schedule=SUM[(model, dataset)], thre_schedule=THRE[(model, dataset)],
       lr=5e-5, mask_lr=1e-3, clip_norm=0.25, batch_size=16,

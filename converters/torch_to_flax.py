@@ -101,7 +101,7 @@ class ConversionError(ValueError):
 
 
 def _transform(kind: str, w: np.ndarray, head_dim: int) -> np.ndarray:
-  """PyTorch layout -> Flax layout for one tensor (TAP.md §7.1)."""
+  """PyTorch layout -> Flax layout for one tensor (docs/TAP.md §7.1)."""
   if kind == "copy":
     return w
   if kind == "linear":  # [out, in] -> [in, out]

@@ -1,7 +1,7 @@
 """The M4C answer processor (training targets) and the answer decoder (indices -> string).
 
 `process_answers` reproduces `M4CAnswerProcessor.__call__` of the LFPR copy of
-`TAP/pythia/datasets/processors.py` (TAP.md §3.5), as `M4CTextVQADataset.add_answer_info`
+`TAP/pythia/datasets/processors.py` (docs/TAP.md §3.5), as `M4CTextVQADataset.add_answer_info`
 calls it with the 10 raw answers and the 100 padded OCR slots (`context_tokens`):
 
 1. every answer is normalised with `simple_word`; exactly `num_answers` (10) are
@@ -21,9 +21,9 @@ calls it with the 10 raw answers and the 100 padded OCR slots (`context_tokens`)
 6. steps 1.. are one-hot along the sampled sequence, then one EOS, over
    `min(1 + len(seq), 12)` steps (a sequence of 12+ words gets no EOS target).
 
-`decode_answer` is TAP.md §4.11 / `M4CTextVQADataset.format_for_evalai`: walk the step
+`decode_answer` is docs/TAP.md §4.11 / `M4CTextVQADataset.format_for_evalai`: walk the step
 argmaxes, copy OCR slots (normalised once more), stop at a VOCABULARY EOS only, join
-with spaces and glue `" 's"` back to `"'s"`. LFPR retraining (LFPR.md §6.1) turns such
+with spaces and glue `" 's"` back to `"'s"`. LFPR retraining (docs/LFPR.md §6.1) turns such
 strings back into targets with `process_answers([answer] * 10, context_tokens)`.
 """
 

@@ -2,8 +2,8 @@
 
 Reproduces `LFPR: TAP/pythia/utils/m4c_evaluators.py` (`EvalAIAnswerProcessor`,
 `TextVQAAccuracyEvaluator`, `STVQAAccuracyEvaluator`, `STVQAANLSEvaluator`) and the
-batch aggregation of `TAP/pythia/modules/metrics.py` + the pythia meter (TAP.md §9,
-LFPR.md §7.1), and writes EvalAI prediction files (`format_for_evalai`).
+batch aggregation of `TAP/pythia/modules/metrics.py` + the pythia meter (docs/TAP.md §9,
+docs/LFPR.md §7.1), and writes EvalAI prediction files (`format_for_evalai`).
 
 Upstream quirks kept on purpose (see `tests/golden/data/evalai.json`):
 

@@ -1,7 +1,7 @@
 """PHOC (pyramidal histogram of characters) OCR-token features, bit-exact to upstream.
 
 Upstream (`LFPR: TAP/pythia/utils/phoc/build_phoc.py` + the C extension
-`TAP/pythia/utils/phoc/src/cphoc.c`, TAP.md §3.4) builds a 604-d binary vector per
+`TAP/pythia/utils/phoc/src/cphoc.c`, docs/TAP.md §3.4) builds a 604-d binary vector per
 OCR token:
 
 * preprocessing: `token.lower().strip()`, then keep only the 36 characters `a-z0-9`

@@ -1,6 +1,6 @@
 """Readers for the upstream TAP/M4C data files: imdb, region features, vocabularies.
 
-What is on disk (TAP.md §3.1) and how each file is read here:
+What is on disk (docs/TAP.md §3.1) and how each file is read here:
 
 * **imdb** `*.npy`: a pickled 1-D object array; element 0 is a metadata dict and is
   skipped, elements 1.. are per-question dicts (`read_imdb`). The pythia loader hacks are
@@ -93,7 +93,7 @@ class SplitFiles:
 _TEXTVQA_SPLITS = types.MappingProxyType({
     "train": SplitFiles("imdb/m4c_textvqa/imdb_train_ocr_en.npy", "feat_resx/train",
                         "ocr_feat_resx/textvqa_conf/train_images"),
-    # TextVQA val images live in the train feature folders (TAP.md §12 item 16).
+    # TextVQA val images live in the train feature folders (docs/TAP.md §12 item 16).
     "val": SplitFiles("imdb/m4c_textvqa/imdb_val_ocr_en.npy", "feat_resx/train",
                       "ocr_feat_resx/textvqa_conf/train_images"),
     "test": SplitFiles("imdb/m4c_textvqa/imdb_test_ocr_en.npy", "feat_resx/test",
@@ -700,7 +700,7 @@ def check_setup_files(layout: DataLayout) -> int:
 
 
 class FastTextVectors:
-  """FastText word vectors of OCR tokens (TAP.md §3.2 step 5).
+  """FastText word vectors of OCR tokens (docs/TAP.md §3.2 step 5).
 
   With a model file, vectors come from the fastText package's `get_word_vector` (the
   upstream `wiki.en.bin`, 300-d, subword-aware). With `model_path=None` a deterministic

@@ -1,6 +1,6 @@
 """One fixed-shape TAP example per imdb question (`load_item` + `BatchCollator`).
 
-`SampleBuilder.build(entry)` reproduces TAP.md §3.2 and the `BatchCollator` rule for one
+`SampleBuilder.build(entry)` reproduces docs/TAP.md §3.2 and the `BatchCollator` rule for one
 question, with every field padded to a fixed shape so examples can be stored and batched
 without ragged leaves:
 
@@ -12,7 +12,7 @@ without ragged leaves:
 * object / OCR features zero-padded or truncated to 100 rows; `obj_num` is the
   UNCLIPPED number of object rows in the file (upstream `image_info_0.max_features`),
   `ocr_num` the number of OCR tokens kept (at most 100; upstream
-  `context_info_0.max_features`, TAP.md §3.3);
+  `context_info_0.max_features`, docs/TAP.md §3.3);
 * boxes divided by the imdb image width/height (float64 arithmetic, as upstream, then
   float32), zero-padded/truncated to 100 rows, not clipped;
 * FastText and PHOC rows of the `simple_word`-normalised OCR tokens;

@@ -2,10 +2,10 @@
 
 Upstream (`LFPR: TAP/pythia/utils/text_utils.py` `word_tokenize`, registered as the
 `simple_word` processor) normalises every OCR token and every answer string with:
-lower-case, delete `,` and `?`, replace `'s` with ` 's`, strip (TAP.md §3.2 step 3).
+lower-case, delete `,` and `?`, replace `'s` with ` 's`, strip (docs/TAP.md §3.2 step 3).
 The result of normalising one token may contain a space (`"McDonald's"` becomes
 `"mcdonald 's"`); it stays ONE token, which no whitespace-split answer word can
-match (TAP.md §12 item 6).
+match (docs/TAP.md §12 item 6).
 
 `make_context_tokens` builds the padded list of OCR slots (`context_tokens`) that the
 answer processor matches against and the decoder copies from.

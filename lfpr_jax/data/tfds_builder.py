@@ -143,7 +143,7 @@ class TapTextVqa(tfds.core.GeneratorBasedBuilder):
     logging.info("built %s", self.data_dir)
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "TAP.md §3.2 examples with collated cmb_text."}
+  RELEASE_NOTES = {"1.0.0": "docs/TAP.md §3.2 examples with collated cmb_text."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Place the TAP data directory (imdb/, feat_resx/, ocr_feat_resx/, m4c_vocabs/, "
       "1600-400-20/, bert-base-uncased/vocab.txt, .vector_cache/wiki.en.bin) at the "

@@ -1,7 +1,7 @@
 """The fixed answer vocabulary of the M4C decoder (`VocabDict` + the processor's checks).
 
 Upstream (`LFPR: TAP/pythia/utils/text_utils.py` `VocabDict`, checked by
-`M4CAnswerProcessor.__init__`; TAP.md §3.6):
+`M4CAnswerProcessor.__init__`; docs/TAP.md §3.6):
 
 * the file is plain text, one entry per line, each line stripped; index = line number
   (a blank line is an entry too, as with `readlines()`);

@@ -1,7 +1,7 @@
 """Fine-tuning TAP with labels: the base model of the synthetic benchmark.
 
 `train_and_evaluate` trains a TAP from scratch with the upstream
-recipe (Adam, warm-up, global-norm clipping, TAP.md §10) on a `data` mesh, evaluates
+recipe (Adam, warm-up, global-norm clipping, docs/TAP.md §10) on a `data` mesh, evaluates
 greedy-decoding accuracy on val, and writes the model directory, JSONL metrics and a
 summary to the workdir. `question_only=True` trains the image-blind ablation.
 """

@@ -1,4 +1,4 @@
-"""The comparison the paper makes, as one resumable sweep (LFPR.md §7-9).
+"""The comparison the paper makes, as one resumable sweep (docs/LFPR.md §7-9).
 
     python -m lfpr_jax.experiments.sweep --config=configs/sweep_synthetic.py --workdir=DIR
 

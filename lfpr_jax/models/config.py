@@ -42,7 +42,7 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
   return cls(**dict(data))
 
 
-# Published TAP checkpoints (TAP.md §1.1).
+# Published TAP checkpoints (docs/TAP.md §1.1).
 KNOWN_ARCHS = {
     "tap": dict(text_bert_layers=3, mmt_layers=4),
     "tap12": dict(text_bert_layers=0, mmt_layers=12),
@@ -51,7 +51,7 @@ KNOWN_ARCHS = {
 
 @dataclasses.dataclass(frozen=True)
 class TapConfig:
-  """Hyper-parameters of TAP; defaults are the upstream TextVQA values (TAP.md §1).
+  """Hyper-parameters of TAP; defaults are the upstream TextVQA values (docs/TAP.md §1).
 
   Attributes:
     arch: informational name ("tap", "tap12", "custom").

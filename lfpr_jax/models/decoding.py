@@ -1,6 +1,6 @@
 """Greedy decoding of TAP: cached incremental (default) and the upstream 12-pass loop.
 
-Upstream (TAP.md §4.10) re-runs text-BERT and the whole MMT 12 times, refilling every
+Upstream (docs/TAP.md §4.10) re-runs text-BERT and the whole MMT 12 times, refilling every
 later decoder input with the previous pass's argmaxes. Because encoder rows never
 attend to decoder rows and decoder row t only sees rows <= t, the encoder can run once
 and each step needs a single decoder row with cached keys/values: `greedy_decode`.

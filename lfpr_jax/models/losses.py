@@ -1,4 +1,4 @@
-"""Losses of TAP fine-tuning (`m4c_decoding_bce_with_mask`, TAP.md §8)."""
+"""Losses of TAP fine-tuning (`m4c_decoding_bce_with_mask`, docs/TAP.md §8)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """TAP (`m4c_split`) in flax.linen, numerically the PyTorch model of microsoft/TAP.
 
-Every upstream detail of TAP.md §4 is reproduced: exact (erf) GELU, LayerNorm eps
+Every upstream detail of docs/TAP.md §4 is reproduced: exact (erf) GELU, LayerNorm eps
 1e-12 except the four object/OCR input LayerNorms (1e-5), additive -10000 masking,
 the hard-coded token types, the zeroed OCR order vectors, the classifier weight doubling
 as the fixed-answer embedding table of the decoder inputs.
@@ -10,7 +10,7 @@ Two ways to run the multimodal transformer:
     prefix-LM mask (the training branch; also the LFPR teacher-forced objective);
   * `TAP.encode` + `TAP.decode_step`: the 370 encoder rows once, then one decoder row
     per step attending to cached keys/values. Exact, because encoder rows give weight
-    exp(-10000) = 0 to every decoder key (TAP.md §4.6). `lfpr_jax.models.decoding` builds
+    exp(-10000) = 0 to every decoder key (docs/TAP.md §4.6). `lfpr_jax.models.decoding` builds
     greedy decoding from these two methods.
 
 Head and FFN-neuron masks are explicit arguments (`head_mask`, `ffn_mask`; ones = no-op)
@@ -34,7 +34,7 @@ PyTree = Any
 # A per-layer mask: None (ones), an array [L, n] or a sequence of L arrays [n_l].
 LayerMasks = Union[None, Array, Sequence[Optional[Array]]]
 
-MASK_VALUE = -10000.0  # upstream additive mask, not -inf (TAP.md §12.9)
+MASK_VALUE = -10000.0  # upstream additive mask, not -inf (docs/TAP.md §12.9)
 BERT_LN_EPS = 1e-12
 INPUT_LN_EPS = 1e-5  # obj/OCR feature and box LayerNorms use the PyTorch default
 
@@ -240,7 +240,7 @@ class FeedForward(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """Post-LN BERT layer (TAP.md §4.7), shared by text-BERT and the MMT."""
+  """Post-LN BERT layer (docs/TAP.md §4.7), shared by text-BERT and the MMT."""
   num_heads: int
   ffn_dim: int
   config: TapConfig
@@ -304,7 +304,7 @@ class BertLayer(nn.Module):
 
 
 class TextBert(nn.Module):
-  """BERT embeddings + `text_bert_layers` encoder layers over `cmb_text` (TAP.md §4.2)."""
+  """BERT embeddings + `text_bert_layers` encoder layers over `cmb_text` (docs/TAP.md §4.2)."""
   config: TapConfig
 
   def setup(self):
@@ -349,7 +349,7 @@ class TextBert(nn.Module):
 
 
 class PrevPredEmbeddings(nn.Module):
-  """Decoder inputs from previous predictions (TAP.md §4.5)."""
+  """Decoder inputs from previous predictions (docs/TAP.md §4.5)."""
   config: TapConfig
 
   def setup(self):
@@ -383,7 +383,7 @@ class PrevPredEmbeddings(nn.Module):
 
 
 class OcrPtrNet(nn.Module):
-  """Copy scores of the decoder rows over the OCR slots (TAP.md §4.8)."""
+  """Copy scores of the decoder rows over the OCR slots (docs/TAP.md §4.8)."""
   config: TapConfig
 
   def setup(self):
@@ -458,7 +458,7 @@ class TAP(nn.Module):
     ph = l2_normalize(batch["context_feature_1"])
     g = l2_normalize(jax.nn.relu(self.ocr_fc7(batch["image_feature_1"][:, :c.ocr_max])))
     feat = jnp.concatenate([ft, ph, g], axis=-1)
-    # Upstream feeds zeros in place of the legacy order vectors (TAP.md §4.4).
+    # Upstream feeds zeros in place of the legacy order vectors (docs/TAP.md §4.4).
     order = jnp.zeros(feat.shape[:-1] + (c.order_dim,), feat.dtype)
     proj = self.ocr_feat_proj(jnp.concatenate([feat, order], axis=-1))
     x = self.ocr_feat_ln(proj) + self.ocr_bbox_ln(
@@ -626,7 +626,7 @@ def init_decoder_cache(config: TapConfig, batch_size: int
 
 
 def prefix_lm_mask(enc_valid: Array, steps: int) -> Array:
-  """Additive MMT mask `[B, 1, S, S]` (TAP.md §4.6).
+  """Additive MMT mask `[B, 1, S, S]` (docs/TAP.md §4.6).
 
   Encoder keys are visible to every query where valid; decoder keys are invisible to
   encoder queries and causal (incl. the diagonal) among decoder queries.

@@ -1,4 +1,4 @@
-r"""Importance criteria of MMT heads and FFN neurons, one small object each (LFPR.md §8).
+r"""Importance criteria of MMT heads and FFN neurons, one small object each (docs/LFPR.md §8).
 
 Every criterion scores the same units, the head masks ξ `[L, H]` and neuron masks ν
 `[L, F]` of the unpruned model, so its scores feed the same selection
@@ -141,7 +141,7 @@ def group_mask_grads(model: TAP, params: PyTree, inputs: Mapping[str, Array],
 
 
 def l1_scores(params: PyTree, config: TapConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Weight-magnitude scores (LFPR.md §8.2 (a)), float64 `[L, H]` and `[L, F]`.
+  """Weight-magnitude scores (docs/LFPR.md §8.2 (a)), float64 `[L, H]` and `[L, F]`.
 
   In PyTorch's `[out, in]` layout head h owns rows 64h … 64h+63 of W_Q, W_K, W_V and
   the same columns of W_O; its score sums the L1 norms of those rows and columns. In
@@ -217,7 +217,7 @@ def group_loss_mask_grads(model: TAP, params: PyTree, batch: Mapping[str, Array]
 def postprocess_alg(head: np.ndarray, ffn: np.ndarray, *, normalize_by_layer: bool = True,
                     normalize_ffn_by_layer: bool = False, global_minmax: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Michel et al.'s normalisations of the absolute-gradient scores (LFPR.md §8.3).
+  """Michel et al.'s normalisations of the absolute-gradient scores (docs/LFPR.md §8.3).
 
   As the bertology implementation: first (`normalize_by_layer`) each layer's head
   scores are divided by that layer's L2 norm (+1e-20), then (`global_minmax`) all
@@ -280,7 +280,7 @@ class Criterion:
       raise UndefinedCriterionError(
           f"importance criterion {self.name!r} is not defined: the paper's table names "
           "OWO, but the acronym is not expanded anywhere reachable (README, code "
-          "history, abstract; LFPR.md §8.5), so no formula is implemented. Use one of "
+          "history, abstract; docs/LFPR.md §8.5), so no formula is implemented. Use one of "
           f"{', '.join(n for n, c in REGISTRY.items() if c.defined)}, and report OWO's "
           "table values as external numbers.")
 
@@ -305,7 +305,7 @@ class Criterion:
 
 @dataclasses.dataclass(frozen=True)
 class Lfpr(Criterion):
-  """LFPR's label-free score (LFPR.md §2-3).
+  """LFPR's label-free score (docs/LFPR.md §2-3).
 
   Attributes:
     t_star: the scored decoding step.
@@ -347,7 +347,7 @@ class Lfpr(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class L1(Criterion):
-  """Weight magnitudes (LFPR.md §8.2 (a)); needs no data."""
+  """Weight magnitudes (docs/LFPR.md §8.2 (a)); needs no data."""
 
   name: ClassVar[str] = "l1"
   needs_data: ClassVar[bool] = False
@@ -361,7 +361,7 @@ class L1(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class _Labelled(Criterion):
-  """A criterion from per-batch gradients of the labelled loss (LFPR.md §8.1)."""
+  """A criterion from per-batch gradients of the labelled loss (docs/LFPR.md §8.1)."""
 
   needs_labels: ClassVar[bool] = True
   fields: ClassVar[tuple[str, ...]] = STEP_FIELDS
@@ -376,7 +376,7 @@ class _Labelled(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class Alg(_Labelled):
-  """Michel et al.'s absolute loss gradient (LFPR.md §8.3); see `postprocess_alg`."""
+  """Michel et al.'s absolute loss gradient (docs/LFPR.md §8.3); see `postprocess_alg`."""
 
   name: ClassVar[str] = "alg"
   reduction: ClassVar[Optional[str]] = "abs"
@@ -395,7 +395,7 @@ class Alg(_Labelled):
 
 @dataclasses.dataclass(frozen=True)
 class Fisher(_Labelled):
-  """Kwon et al.'s empirical Fisher (LFPR.md §8.4)."""
+  """Kwon et al.'s empirical Fisher (docs/LFPR.md §8.4)."""
 
   name: ClassVar[str] = "fisher"
   reduction: ClassVar[Optional[str]] = "square"
@@ -405,10 +405,10 @@ class Fisher(_Labelled):
 
 @dataclasses.dataclass(frozen=True)
 class Owo(Criterion):
-  """OWO: a named slot of the paper's table without a definition (LFPR.md §8.5)."""
+  """OWO: a named slot of the paper's table without a definition (docs/LFPR.md §8.5)."""
 
   name: ClassVar[str] = "owo"
-  description: ClassVar[str] = "OWO: undefined (LFPR.md §8.5)"
+  description: ClassVar[str] = "OWO: undefined (docs/LFPR.md §8.5)"
   defined: ClassVar[bool] = False
 
 

@@ -8,7 +8,7 @@ Layout of a delta directory (written atomically):
     DIR/selection_masks.npz   the binary head/neuron selection, stored as bits
 
 With the unpruned base model directory `load_delta` rebuilds the retrained model; the
-delta's size is what the paper's "File Size" column reports for ReSt (LFPR.md §7.4).
+delta's size is what the paper's "File Size" column reports for ReSt (docs/LFPR.md §7.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Kwon et al.'s retraining-free pruning on TAP's MMT (NeurIPS 2022; LFPR.md §9).
+r"""Kwon et al.'s retraining-free pruning on TAP's MMT (NeurIPS 2022; docs/LFPR.md §9).
 
 Three stages on top of any gradient criterion (`lfpr_jax.pruning.criteria`):
 
@@ -318,7 +318,7 @@ def tune_masks(model: TAP, params: PyTree, batches: Sequence[Mapping[str, Any]],
                maxiter: Optional[int] = LSMR_MAXITER,
                decoder_steps: Optional[int] = None,
                last_layer_read_rows: bool = True) -> TuningResult:
-  """Kwon's layer-wise least-squares mask tuning on TAP (LFPR.md §9.4).
+  """Kwon's layer-wise least-squares mask tuning on TAP (docs/LFPR.md §9.4).
 
   Args:
     model, params: the unpruned model.

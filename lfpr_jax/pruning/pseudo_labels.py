@@ -1,4 +1,4 @@
-"""ReSt's training labels: the unpruned model's own predictions (LFPR.md §6.1).
+"""ReSt's training labels: the unpruned model's own predictions (docs/LFPR.md §6.1).
 
 The unpruned model is greedy-decoded (eval mode) over the whole training split once;
 its per-step argmax indices are stored by question id (`PseudoLabels`, an `.npz`).

@@ -1,4 +1,4 @@
-"""ReSt definitions: what retrains, with which settings (LFPR.md §6).
+"""ReSt definitions: what retrains, with which settings (docs/LFPR.md §6).
 
 * Trainable set by name (§6.3): every learnable head/neuron mask, the classifier (the
   tied answer embedding and its bias), the OCR pointer network and every parameter of

@@ -1,7 +1,7 @@
 r"""The one streaming loop that scores heads and FFN neurons with any criterion.
 
 `compute(criterion, model, params, batches, ...)` runs a criterion of
-`lfpr_jax.pruning.criteria` over global batches (LFPR.md §3, §8): it jits the
+`lfpr_jax.pruning.criteria` over global batches (docs/LFPR.md §3, §8): it jits the
 criterion's pure gradient function with the batch sharded on `data`, brings the
 gradients, weights and question ids to the host, drops padding rows and groups, and
 streams everything into one `Accumulator`:
@@ -9,7 +9,7 @@ streams everything into one `Accumulator`:
 * per-sample gradients g_i (LFPR without dropout) are summed over consecutive groups of
   `group_size` samples in the recorded order into the faithful batch gradients G_b
   (a group may span two batches; a final partial group counts as one smaller batch),
-  and the per-sample score Σ_i g_i² is accumulated alongside (LFPR.md §3.2-3.3);
+  and the per-sample score Σ_i g_i² is accumulated alongside (docs/LFPR.md §3.2-3.3);
 * group gradients G_b (LFPR with faithful dropout, the labelled criteria) are taken as
   they are.
 
@@ -118,7 +118,7 @@ class Scores:
 
 
 class Accumulator:
-  """Streams mask gradients into float64 Σ_b G_b², Σ_b |G_b| (LFPR.md §3.2-3.3, §8).
+  """Streams mask gradients into float64 Σ_b G_b², Σ_b |G_b| (docs/LFPR.md §3.2-3.3, §8).
 
   Feed samples in the recorded order: `add_samples` with per-sample gradients g_i
   (groups of `group_size` consecutive samples form the batches G_b; a group may span

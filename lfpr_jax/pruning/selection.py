@@ -1,4 +1,4 @@
-"""Which MMT heads and FFN neurons to keep: LFPR's selection heuristics (LFPR.md §4).
+"""Which MMT heads and FFN neurons to keep: LFPR's selection heuristics (docs/LFPR.md §4).
 
 Given importance scores of every head `[L, H]` and every FFN neuron `[L, F]` of the
 multimodal transformer, `select_sum` keeps the units with the largest total importance
@@ -18,7 +18,7 @@ The "sum" search charges an approximation of it, as upstream does: 196,800 per h
 1,537 per neuron and the constant 2,304 (output bias + attention LayerNorm) once in
 total instead of 4,608 per layer.
 
-A FLOPs constraint (Kwon et al.'s `search_mac`, LFPR.md §9.2) uses the same search with
+A FLOPs constraint (Kwon et al.'s `search_mac`, docs/LFPR.md §9.2) uses the same search with
 `costs=flops_costs(config)`: per head 4·s·d·dh + 2·s²·dh and per neuron 2·s·d
 multiply-accumulates for a sequence of s positions (TAP: s = 382, 93,782,528 per head
 and 586,752 per neuron), search constant 0 and no per-layer constant, so the budget is
@@ -44,7 +44,7 @@ from lfpr_jax.models.config import TapConfig
 
 @dataclasses.dataclass(frozen=True)
 class ParamCosts:
-  """Parameter counts of one MMT layer, split by unit (LFPR.md §4.1).
+  """Parameter counts of one MMT layer, split by unit (docs/LFPR.md §4.1).
 
   Attributes:
     head: parameters of one attention head: Q, K, V and output weights plus the Q, K,
@@ -91,7 +91,7 @@ def param_costs(config: TapConfig) -> ParamCosts:
 
 @dataclasses.dataclass(frozen=True)
 class FlopsCosts:
-  """Multiply-accumulates of one MMT layer split by unit (Kwon et al., LFPR.md §9.2).
+  """Multiply-accumulates of one MMT layer split by unit (Kwon et al., docs/LFPR.md §9.2).
 
   Kwon's `efficiency/mac.py`: a head costs its Q, K, V and output projections,
   4·s·d·dh, plus the attention logits and the weighted sum of values, 2·s²·dh; a
@@ -129,7 +129,7 @@ class FlopsCosts:
 
 
 def flops_costs(config: TapConfig, seq_len: Optional[int] = None) -> FlopsCosts:
-  """Kwon's per-head and per-neuron MACs of `config`'s MMT layers (LFPR.md §9.2).
+  """Kwon's per-head and per-neuron MACs of `config`'s MMT layers (docs/LFPR.md §9.2).
 
   Args:
     config: the model.
@@ -364,7 +364,7 @@ def _finish(heuristic: str, head_mask: np.ndarray, ffn_mask: np.ndarray,
 def select_sum(head_importance: object, ffn_importance: object, constraint: float, *,
                config: Optional[TapConfig] = None, costs: Optional[Costs] = None,
                strict_budget: bool = False, round_to: int = 0) -> Selection:
-  """The "sum" heuristic: most total importance within c · P_full (LFPR.md §4.2).
+  """The "sum" heuristic: most total importance within c · P_full (docs/LFPR.md §4.2).
 
   Both score tensors are flattened layer-major and sorted in descending order (a
   stable sort: equal scores keep their flat order; upstream's torch sort is not
@@ -469,7 +469,7 @@ def select_sum(head_importance: object, ffn_importance: object, constraint: floa
 def select_thre(head_importance: object, ffn_importance: object, percentile: float, *,
                 config: Optional[TapConfig] = None,
                 costs: Optional[Costs] = None) -> Selection:
-  """The "thre" heuristic: keep every unit scored above a percentile (LFPR.md §4.3).
+  """The "thre" heuristic: keep every unit scored above a percentile (docs/LFPR.md §4.3).
 
   θ = `np.percentile` (linear interpolation) of all head and neuron scores together,
   in the scores' dtype (upstream: float32); a unit is kept iff its score > θ, so units

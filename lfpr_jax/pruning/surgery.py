@@ -1,11 +1,11 @@
 """Pruning surgery: slice the MMT parameters down to the kept heads and neurons.
 
 `prune(params, config, head_mask, ffn_mask)` is LFPR's `create_pruned_model`
-(LFPR.md §5) on the Flax parameter tree: per MMT layer the kept heads and neurons, in
+(docs/LFPR.md §5) on the Flax parameter tree: per MMT layer the kept heads and neurons, in
 ascending original order, are cut out of the head-major attention kernels and the FFN
 kernels; everything outside the MMT layers is passed through. The result runs as the
 model of the returned (pruned) config and equals the unpruned model run with the
-binary masks (LFPR.md §11 invariant 1).
+binary masks (docs/LFPR.md §11 invariant 1).
 
 Parameter paths (lfpr_jax/models/tap.py), per MMT layer `mmt_layer_{i}`:
   attention/{query,key,value}/kernel [d, h, dh], /bias [h, dh]
@@ -165,7 +165,7 @@ def _prune_layer(layer: Mapping[str, Any], heads: np.ndarray, neurons: np.ndarra
 
 def prune(params: PyTree, config: TapConfig, head_mask: MaskArg, ffn_mask: MaskArg, *,
           learnable_masks: bool = True) -> tuple[dict[str, Any], TapConfig]:
-  """Slices the MMT down to the heads and neurons whose mask is 1 (LFPR.md §5).
+  """Slices the MMT down to the heads and neurons whose mask is 1 (docs/LFPR.md §5).
 
   Per MMT layer l the kept heads K_l and neurons M_l stay in ascending original order:
   Q/K/V kernels `[d, h, dh]` and biases `[h, dh]` and the output kernel `[h, dh, d]`
@@ -176,7 +176,7 @@ def prune(params: PyTree, config: TapConfig, head_mask: MaskArg, ffn_mask: MaskA
 
   Learnable masks: with `learnable_masks` the result has a head mask `[h_l]` and a
   neuron mask `[n_l]` per layer: the input's masks sliced when it has them (so pruning
-  a pruned model composes), else ones (LFPR.md §5.3). Without, existing masks are
+  a pruned model composes), else ones (docs/LFPR.md §5.3). Without, existing masks are
   folded into the output rows of `attention/out/kernel` and `ffn/wo/kernel` (exact up
   to rounding), so the function never changes what the model computes.
 

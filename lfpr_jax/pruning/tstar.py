@@ -1,4 +1,4 @@
-r"""The scored decoding step t\* (LFPR.md §2.3).
+r"""The scored decoding step t\* (docs/LFPR.md §2.3).
 
 Greedy-decode the unpruned model (eval mode) over the sample set; for each sample take
 the decoding step holding its largest score (first occurrence in (t, c) order;
@@ -25,7 +25,7 @@ Array = jax.Array
 
 
 def first_max_steps(scores: Array, *, batch_search: bool = False) -> Array:
-  """Per sample, the decoding step of its largest score (LFPR.md §2.3 steps 1-2).
+  """Per sample, the decoding step of its largest score (docs/LFPR.md §2.3 steps 1-2).
 
   Args:
     scores: `[B, T, C]` final-pass greedy scores.
@@ -63,7 +63,7 @@ def check_t_star(t_star: int, decode_steps: int) -> None:
 def compute_tstar(model: TAP, params: PyTree, batches: Iterable[Mapping[str, Any]], *,
                   mesh: Optional[Mesh], bos_index: int, batch_search: bool = False
                   ) -> dict:
-  r"""t\* of the unpruned model over global batches (LFPR.md §2.3).
+  r"""t\* of the unpruned model over global batches (docs/LFPR.md §2.3).
 
   Args:
     model, params: the unpruned model and its (replicated) parameters.

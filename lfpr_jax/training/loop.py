@@ -1,7 +1,7 @@
 """The resumable data-parallel training loop, and one epoch over a subset with it.
 
 `run_steps` is the one loop that both the base-model training
-(`experiments/base_model.py`) and ReSt / full fine-tuning (`train_subset`, LFPR.md §6)
+(`experiments/base_model.py`) and ReSt / full fine-tuning (`train_subset`, docs/LFPR.md §6)
 run. It owns:
 
 * resuming: the latest Orbax checkpoint in `<directory>` restores the train state,
@@ -221,7 +221,7 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
   """One epoch over `indices` of `split`, training the leaves `rules` name.
 
   Adam per group (`"base"` at `settings.lr`, `"mask"` at `settings.mask_lr`),
-  constant rate, global-norm clipping over the trained gradients only (LFPR.md §6.5);
+  constant rate, global-norm clipping over the trained gradients only (docs/LFPR.md §6.5);
   the last global batch is padded with rows whose loss mask is 0 (§6.2). Resumes from
   `<directory>/ckpt`.
 

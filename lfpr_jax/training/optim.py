@@ -7,8 +7,8 @@ rule whose group is None, is frozen ("no schedule means frozen"). Each group has
 own peak learning rate (`learning_rates`); every group follows the same
 `upstream_schedule` shape (warm-up, step decays).
 
-    UPSTREAM_GROUPS   TAP fine-tuning (TAP.md §10): text-BERT and fc7 at 0.1x
-    rest.trainable_rules(config, k)   ReSt (LFPR.md §6.3): masks, classifier, pointer
+    UPSTREAM_GROUPS   TAP fine-tuning (docs/TAP.md §10): text-BERT and fc7 at 0.1x
+    rest.trainable_rules(config, k)   ReSt (docs/LFPR.md §6.3): masks, classifier, pointer
                                       network, last k MMT layers
     [(".*", "base")]  full fine-tuning at one rate (the sweep's `finetune`)
 """
@@ -26,10 +26,10 @@ import optax
 PyTree = Any
 Rule = tuple[str, Optional[str]]
 
-# The learnable head/neuron masks of LFPR (LFPR.md §6.3), trained at their own rate.
+# The learnable head/neuron masks of LFPR (docs/LFPR.md §6.3), trained at their own rate.
 MASK_PATTERN = r"^mmt_layer_\d+/(attention/head_mask|ffn/ffn_mask)$"
 
-# Upstream parameter groups (TAP.md §10, §5.2): text-BERT and the fc7 layers at 0.1x
+# Upstream parameter groups (docs/TAP.md §10, §5.2): text-BERT and the fc7 layers at 0.1x
 # the base learning rate, the LFPR mask parameters at their own rate, all else "base".
 UPSTREAM_GROUPS: tuple[Rule, ...] = (
     (MASK_PATTERN, "mask"),

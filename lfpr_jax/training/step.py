@@ -45,7 +45,7 @@ def sharded_loss(scores: Array, targets: Array, loss_mask: Array, shards: int = 
   """The M4C BCE normalised per shard of the batch, averaged over the shards.
 
   `shards=1` normalises by the global number of supervised steps (clean); upstream's
-  DDP ReSt normalises on each GPU's 8 samples and averages the gradients (LFPR.md
+  DDP ReSt normalises on each GPU's 8 samples and averages the gradients (docs/LFPR.md
   §6.4), which `shards=2` on a batch of 16 reproduces.
   """
   if shards == 1:

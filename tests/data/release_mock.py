@@ -3,7 +3,7 @@
 Unlike the synthetic benchmark (`lfpr_jax.data.synthetic`), this reproduces the release
 files as upstream has them, quirks included:
 
-* one release root holding both datasets (TAP.md §1.2 paths):
+* one release root holding both datasets (docs/TAP.md §1.2 paths):
   `imdb/m4c_textvqa/imdb_{train,val}_ocr_en.npy`, `feat_resx/train/<image>.npy`,
   `ocr_feat_resx/textvqa_conf/train_images/<image>.npy`;
   `original_dl/ST-VQA/m4c_stvqa/imdb_sub{train,val}.npy`,

@@ -274,7 +274,7 @@ def test_decode_negative_index():
 
 
 def test_pseudo_label_round_trip():
-  """LFPR.md §6.1: a prediction becomes an answer string, then targets again."""
+  """docs/LFPR.md §6.1: a prediction becomes an answer string, then targets again."""
   vocab = _vocab()
   ctx = make_context_tokens(["Starbucks", "Coffee"])
   nv = vocab.num_vocab

@@ -1,4 +1,4 @@
-"""`SampleBuilder`: one fixed-shape example per imdb question (TAP.md §3.2 + collation)."""
+"""`SampleBuilder`: one fixed-shape example per imdb question (docs/TAP.md §3.2 + collation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Importance criteria (LFPR.md §3, §8) on small shapes: registry, label check, l1, the
+"""Importance criteria (docs/LFPR.md §3, §8) on small shapes: registry, label check, l1, the
 labelled and label-free mask gradients, alg post-processing."""
 
 from __future__ import annotations

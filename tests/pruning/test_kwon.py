@@ -1,4 +1,4 @@
-"""Kwon et al.'s retraining-free pieces (LFPR.md §9): FLOPs costs and search, mask
+"""Kwon et al.'s retraining-free pieces (docs/LFPR.md §9): FLOPs costs and search, mask
 rearrangement against brute force, layer-wise mask tuning and folding on small shapes."""
 
 from __future__ import annotations

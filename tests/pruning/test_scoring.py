@@ -1,4 +1,4 @@
-"""The one scoring loop (LFPR.md §3, §8): accumulation, grouping, padding, the label
+"""The one scoring loop (docs/LFPR.md §3, §8): accumulation, grouping, padding, the label
 check before work, every criterion through `scoring.compute`, Scores save/load."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Selection heuristics (LFPR.md §4): upstream's outputs and a brute-force oracle."""
+"""Selection heuristics (docs/LFPR.md §4): upstream's outputs and a brute-force oracle."""
 
 import numpy as np
 import pytest
@@ -91,7 +91,7 @@ def test_sum_reproduces_upstream(arch):
     assert sel.mmt_params == want["kept_encoder_params"]
     assert sel.mmt_params == mmt_params(sel.pruned_config(config))
     np.testing.assert_allclose(sel.kept_importance, want["kept_importance"], rtol=1e-6)
-    # The charged size is 4,608·L − 2,304 below the exact one (LFPR.md §4.1).
+    # The charged size is 4,608·L − 2,304 below the exact one (docs/LFPR.md §4.1).
     assert sel.charged_params == sel.mmt_params - (4_608 * config.mmt_layers - 2_304)
 
 

@@ -1,4 +1,4 @@
-"""Pruning surgery (LFPR.md §5): upstream's slicing, and surgery = masking (§11.1)."""
+"""Pruning surgery (docs/LFPR.md §5): upstream's slicing, and surgery = masking (§11.1)."""
 
 import dataclasses
 import functools
@@ -24,7 +24,7 @@ ATOL = 1e-5
 
 
 def upstream_create_pruned_model(sd, head_mask, ffn_mask, head_dim=64):
-  """numpy transcription of LFPR's `create_pruned_model` (LFPR.md §5.2-5.3).
+  """numpy transcription of LFPR's `create_pruned_model` (docs/LFPR.md §5.2-5.3).
 
   Kept heads/neurons in ascending original order; Q/K/V rows and output-dense
   columns of kept heads, intermediate rows and output columns of kept neurons;

@@ -1,4 +1,4 @@
-"""t* (LFPR.md §2.3): per-sample first-max steps, the median rule, the streaming pass."""
+"""t* (docs/LFPR.md §2.3): per-sample first-max steps, the median rule, the streaming pass."""
 
 from __future__ import annotations
 

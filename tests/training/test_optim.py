@@ -47,7 +47,7 @@ def test_split_merge_and_no_match():
 
 
 def test_rest_rules_are_the_paper_set():
-  """LFPR.md §6.3: every mask, classifier, pointer network, the last k MMT layers."""
+  """docs/LFPR.md §6.3: every mask, classifier, pointer network, the last k MMT layers."""
   params = _params()
   for k in range(4):
     t, _ = optim.split_params(params, rest.trainable_rules(CONFIG, k))

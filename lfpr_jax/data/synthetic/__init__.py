@@ -2,7 +2,7 @@
 
 Real TextVQA cannot be downloaded everywhere this project runs, so it ships its own
 task. `generate(out_dir, spec)` writes a complete dataset directory that the real
-readers consume exactly like a TextVQA release (TAP.md §3.1).
+readers consume exactly like a TextVQA release (docs/TAP.md §3.1).
 
 Every question is answerable only with what TAP is built for (question types in
 `QUESTION_TYPES`): copying OCR tokens chosen by their boxes (`ocr_position`: the
