@@ -19,7 +19,7 @@ import json
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -204,20 +204,28 @@ def load_npz(path: str | os.PathLike, *, what: str, recompute_hint: str,
           zlib.error) as e:
     raise _corrupt(path, what, recompute_hint, _reason(e)) from e
   stored = data.pop(PROVENANCE_KEY, None)
+  if stored is not None and provenance is not None:
+    try:
+      stored = json.loads(str(stored))
+    except ValueError as e:
+      raise _corrupt(path, what, recompute_hint,
+                     f"its provenance is not JSON: {_reason(e)}") from e
+  _check_contents(path, data, stored, keys=keys, provenance=provenance, what=what,
+                  recompute_hint=recompute_hint, kind="arrays")
+  return data
+
+
+def _check_contents(path: str | os.PathLike, data: Mapping[str, Any], stored: Any, *,
+                    keys: Sequence[str], provenance: Mapping[str, Any] | None,
+                    what: str, recompute_hint: str, kind: str) -> None:
+  """Required entries present, and the stored provenance the expected one."""
   missing = [k for k in keys if k not in data]
   if missing:
     raise _corrupt(path, what, recompute_hint,
-                   f"missing arrays {missing}; it has {sorted(data)}")
+                   f"missing {kind} {missing}; it has {sorted(data)}")
   if provenance is not None:
-    if stored is not None:
-      try:
-        stored = json.loads(str(stored))
-      except ValueError as e:
-        raise _corrupt(path, what, recompute_hint,
-                       f"its provenance is not JSON: {_reason(e)}") from e
     check_provenance(path, stored, provenance, what=what,
                      recompute_hint=recompute_hint)
-  return data
 
 
 def _reason(e: BaseException) -> str:
@@ -267,11 +275,6 @@ def load_json(path: str | os.PathLike, *, what: str, recompute_hint: str,
     raise _corrupt(path, what, recompute_hint,
                    f"expected a JSON object, found a {type(obj).__name__}")
   stored = obj.pop(PROVENANCE_KEY, None)
-  missing = [k for k in keys if k not in obj]
-  if missing:
-    raise _corrupt(path, what, recompute_hint,
-                   f"missing keys {missing}; it has {sorted(obj)}")
-  if provenance is not None:
-    check_provenance(path, stored, provenance, what=what,
-                     recompute_hint=recompute_hint)
+  _check_contents(path, obj, stored, keys=keys, provenance=provenance, what=what,
+                  recompute_hint=recompute_hint, kind="keys")
   return obj
