@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lfpr_jax.data import tfds_builder
-from tests.data.test_readers import layout_of, write_data_dir
+from tests.data.upstream_layout import layout_of, write_data_dir
 
 
 def _fails(capsys, status, *argv) -> str:

@@ -22,6 +22,7 @@ from converters.torch_to_flax import PRETRAIN_PREFIXES, params_to_state_dict
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.models.losses import m4c_decoding_bce
+from lfpr_jax.models import trim
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning.surgery import prune
 from tests import golden as golden_files
@@ -221,6 +222,22 @@ def test_teacher_forced_scores_and_loss(g):
   assert_loss_close(loss, g.out["tf_loss"], "teacher-forced loss")
   # Sample 1 has no OCR tokens: every copy score sits at -10000 + x.
   assert np.all(scores[1, :, g.config.num_answers:] < -9000)
+
+
+def test_trimmed_teacher_forcing(g):
+  """The golden batch through the variable-length path (models/trim.py): trimmed to
+  bucketed lengths (every later wordpiece moves), run, restored to the padded layout,
+  within the same tolerances as the padded model."""
+  inputs = {k: np.asarray(v) for k, v in g.inputs.items()}
+  trimmed, config, info = trim.trim_batch(inputs, g.config)
+  assert info.sizes[0] < g.config.question_len        # the question was cut
+  scores = jax.jit(lambda p, x: TAP(config).apply({"params": p}, x))(g.params, trimmed)
+  scores = trim.restore_scores(np.asarray(scores), g.config, info)
+  assert_scores_close(scores, g.out["tf_scores"], g.valid, "trimmed teacher forcing")
+  assert_argmax_equal(scores, g.out["tf_argmax"], g.out["tf_top2_margin"],
+                      "trimmed tf argmax")
+  loss = m4c_decoding_bce(scores, g.inputs["targets"], g.inputs["train_loss_mask"])
+  assert_loss_close(loss, g.out["tf_loss"], "trimmed teacher-forced loss")
 
 
 def test_greedy_decoding_cached(g):

@@ -262,22 +262,3 @@ def test_sort_by_length_round_trip():
   np.testing.assert_array_equal(s1[inv1], indices)
   with pytest.raises(ValueError, match="need indices"):
     trim.sort_by_length(indices, lengths[:3])
-
-
-def test_golden_tap_through_the_trimmed_path():
-  """The full-size golden TAP batch, trimmed (question 20 -> 16: every later
-  wordpiece moves), teacher-forced and restored, matches upstream's tf_scores with
-  the tolerances of test_tap_parity.py."""
-  from tests.models.test_tap_parity import (  # noqa: PLC0415  (slow fixtures)
-      assert_argmax_equal, assert_loss_close, assert_scores_close, golden)
-  g = golden("tap")
-  inputs = {k: np.asarray(v) for k, v in g.inputs.items()}
-  trimmed, tc, info = trim.trim_batch(inputs, g.config)
-  assert info.sizes == (16, 100, 50, 100, 100)
-  scores = jax.jit(lambda p, x: TAP(tc).apply({"params": p}, x))(g.params, trimmed)
-  scores = trim.restore_scores(np.asarray(scores), g.config, info)
-  assert_scores_close(scores, g.out["tf_scores"], g.valid, "trimmed teacher forcing")
-  assert_argmax_equal(scores, g.out["tf_argmax"], g.out["tf_top2_margin"],
-                      "trimmed tf argmax")
-  loss = m4c_decoding_bce(scores, g.inputs["targets"], g.inputs["train_loss_mask"])
-  assert_loss_close(loss, g.out["tf_loss"], "trimmed teacher-forced loss")

@@ -14,7 +14,7 @@ from configs import common as schedules
 from lfpr_jax.data import prepare
 from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
-from lfpr_jax.experiments import lfpr
+from lfpr_jax.experiments import common
 from lfpr_jax.training import parallel
 from lfpr_jax.pruning import pseudo_labels
 from lfpr_jax.pruning import rest
@@ -82,13 +82,12 @@ def tiny(tmp_path_factory):
   mc = data.model_config
   params = init_params(mc, jax.random.key(0))
   mesh = parallel.make_mesh()
-  n = len(list(make_loader(data.built_dir, "train", 16, shuffle=False,
-                           drop_remainder=False))) * 16
-  labels = lfpr.compute_pseudo_labels(TAP(mc), parallel.replicate(params, mesh),
-                                      built_dir=data.built_dir, num_train=192,
-                                      local_batch=16, mesh=mesh,
-                                      bos_index=data.vocab.bos_idx, progress=False)
-  del n
+  setup = common.Setup(
+      config=config, workdir=workdir, stage_dir=workdir, stages=(), data=data,
+      base_config=mc, base_params=params, rep_params=parallel.replicate(params, mesh),
+      model=TAP(mc), mesh=mesh, eval_local=16, score_local=16, num_train=192,
+      samples=np.arange(192), base_eval={}, times={}, progress=False)
+  labels = common.predict_train(setup)
   head = np.ones((mc.mmt_layers, mc.mmt_heads[0]), np.float32)
   ffn = np.ones((mc.mmt_layers, mc.mmt_ffn[0]), np.float32)
   head[0, 1] = 0
