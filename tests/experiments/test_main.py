@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
@@ -81,23 +82,38 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   assert "reusing" in sweep.stderr and "pseudo-labels:" not in sweep.stderr  # reused
 
 
-def test_bad_flags_and_configs_are_one_line(tmp_path):
-  for extra, config, status, text in (
-      (("--config.prune.batch_size=0",), "configs/synthetic.py:tiny", 1,
-       "prune.batch_size=0: expected an integer >= 1"),
-      (("--config.prune.batchsize=3",), "configs/synthetic.py:tiny", 2,
-       "no config key 'batchsize'; did you mean"),
-      ((), "configs/nope.py", 2, "nope.py"),
-      ((), "configs/synthetic.py:huge", 2, "unknown config variant 'huge'")):
-    out = _main(tmp_path / "w", *extra, config=config)
-    lines = [l for l in out.stderr.splitlines() if l.strip()]
-    assert out.returncode == status, out.stderr[-2000:]
-    assert lines[-1].startswith("error: ") and text in lines[-1], lines[-3:]
-    assert "Traceback" not in out.stderr
-  # Nothing was written for the rejected configs.
-  assert not (tmp_path / "w" / "lfpr").exists()
-  workdir_file = tmp_path / "file"
-  workdir_file.write_text("keep")
-  out = _main(workdir_file)
-  assert out.returncode == 1 and "error: " in out.stderr and "Traceback" not in out.stderr
-  assert workdir_file.read_text() == "keep"
+def test_bad_config_value_is_one_line_before_any_work(tmp_path):
+  out = _main(tmp_path / "w", "--config.prune.batch_size=0")
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert lines[-1] == ("error: invalid config: prune.batch_size=0: expected an integer "
+                       ">= 1")
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "w" / "lfpr").exists()   # nothing written, nothing trained
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--config=configs/synthetic.py:tiny", "--config.prune.batchsize=3"],
+     "error: --config: "),
+    (["--config=configs/nope.py"], "error: --config: no config file configs/nope.py"),
+    (["--config=configs/synthetic.py:huge"],
+     "error: --config: unknown config variant 'huge'; known: 'tiny'."),
+])
+def test_bad_flags_are_one_line(argv, text, capsys, monkeypatch):
+  from lfpr_jax import main  # noqa: PLC0415  (defines the absl flags)
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as e:
+    main.parse_flags(["lfpr_jax.main", *argv, "--workdir=/tmp/unused"])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert e.value.code == 2 and len(err) == 1 and err[0].startswith(text), err
+  assert "batchsize" in err[0] or "batchsize" not in " ".join(argv)
+
+
+def test_workdir_that_is_a_file_is_refused_untouched(tmp_path):
+  from configs.synthetic import get_config  # noqa: PLC0415
+  from lfpr_jax.experiments import lfpr  # noqa: PLC0415
+  workdir = tmp_path / "file"
+  workdir.write_text("keep")
+  with pytest.raises(NotADirectoryError, match="is a file; expected a directory"):
+    lfpr.run(get_config("tiny"), str(workdir))
+  assert workdir.read_text() == "keep"
