@@ -402,7 +402,7 @@ def mark_gaps(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 def _gap_text(r: Mapping[str, Any]) -> str:
   if r["is_best"]:
     return "best"
-  gap = f"-{100 * r['gap_to_best']:.2f}"
+  gap = f"-{100 * r['gap_to_best']:.2f}" if r["gap_to_best"] > 0 else "0.00"
   if r["beyond_spread"] is None:
     return gap + " (one seed: no spread)"
   return gap + (" (beyond spread)" if r["beyond_spread"] else " (within spread)")
