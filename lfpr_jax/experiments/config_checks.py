@@ -20,7 +20,9 @@ from lfpr_jax.models.config import TapConfig
 
 DATASETS = ("synthetic", "textvqa", "stvqa")
 SPLITS = ("train", "val", "test")
-RESTORATIONS = ("none", "rest", "finetune", "kwon")
+RESTORATIONS = ("none", "rest", "finetune", "kwon", "kwon_lf")
+# Sweep criteria beyond `criteria.CRITERIA`: LFPR's per-sample score (docs/LFPR.md §3.3).
+SWEEP_EXTRA_CRITERIA = ("lfpr_ps",)
 HEURISTICS = ("sum", "thre")
 COSTS = ("params", "flops", "latency")
 
@@ -99,15 +101,37 @@ def _check_model(c: Checker) -> None:
 
 def _check_sweep(c: Checker) -> None:
   from lfpr_jax.pruning import criteria, selection  # noqa: PLC0415  (sweep only)
-  known = tuple(criteria.CRITERIA)
-  c.check("sweep.criteria", lambda v: len(v) > 0 and all(x in known for x in v),
-          "a non-empty list from " + ", ".join(known))
+  known = tuple(criteria.CRITERIA) + SWEEP_EXTRA_CRITERIA
+  c.check("sweep.criteria", lambda v: len(v) > 0 and all(x in known for x in v)
+          and len(set(v)) == len(v), "a non-empty list of distinct names from "
+          + ", ".join(known))
   c.check("sweep.restorations",
-          lambda v: len(v) > 0 and all(x in RESTORATIONS for x in v),
-          "a non-empty list from " + ", ".join(RESTORATIONS))
+          lambda v: len(v) > 0 and all(x in RESTORATIONS for x in v)
+          and len(set(v)) == len(v),
+          "a non-empty list of distinct names from " + ", ".join(RESTORATIONS))
   c.check("sweep.constraints", lambda v: len(v) > 0 and all(0 < x <= 1 for x in v),
           "a non-empty list of kept fractions in (0, 1]")
-  c.one_of("sweep.cost", tuple(selection.COST_KINDS))
+  kinds = tuple(selection.COST_KINDS)
+  c.check("sweep.costs", lambda v: not isinstance(v, str) and len(v) > 0
+          and all(x in kinds for x in v) and len(set(v)) == len(v),
+          "a non-empty list of distinct cost kinds from " + ", ".join(kinds))
+  c.int_at_least("sweep.seeds", 1)
+  c.int_at_least("sweep.kwon_tune_samples", 1)
+  c.boolean("sweep.strict_budget")
+  if "lfpr_ps" in (c.get("sweep.criteria") or ()) and c.get("prune.dropout"):
+    c.problems.append("sweep.criteria: 'lfpr_ps' (LFPR's per-sample score) exists only "
+                      "without dropout; expected prune.dropout=False")
+  seeds = c.get("sweep.seeds")
+  if isinstance(seeds, int) and seeds > 1:
+    # Each seed must get its own dataset and base model in its sub-workdir.
+    if c.get("data.dataset") != "synthetic":
+      c.problems.append(f"sweep.seeds={seeds}: several seeds regenerate the synthetic "
+                        "dataset and retrain the base model; expected 1 with "
+                        f"data.dataset={c.get('data.dataset')!r}")
+    for key in ("data.root", "data.built_dir", "base_model"):
+      if c.get(key):
+        c.problems.append(f"{key}={c.get(key)!r}: expected '' with sweep.seeds="
+                          f"{seeds} (every seed builds its own in its sub-workdir)")
   if "rest" in (c.get("sweep.restorations") or ()) and not c.problems:
     known_c = {float(row[0]) for row in c.get("rest.schedule")}
     missing = [x for x in c.get("sweep.constraints") if float(x) not in known_c]

@@ -1,17 +1,38 @@
 """The comparison the paper makes, as one resumable sweep (docs/LFPR.md §7-9).
 
-    python -m lfpr_jax.experiments.sweep --config=configs/sweep_synthetic.py --workdir=DIR
+    python -m lfpr_jax.main --config=configs/sweep_synthetic.py --workdir=DIR
 
-A grid of importance criteria (`lfpr`, `l1`, `alg`, `fisher`; `owo` is a named slot
-without a definition) x restorations (`none`, `rest` = ReSt on pseudo-labels,
-`finetune` = full fine-tuning with labels, `kwon` = Kwon et al.'s retraining-free mask
-rearrangement and tuning) x constraints (kept fraction of the MMT parameters, or of
-its FLOPs with `sweep.cost = "flops"`). Shared stages (data, base model, t*, scores per
-criterion, pseudo-labels) and every cell are cached in the workdir, so an interrupted
-sweep resumes. Output in `DIR/sweep/`: `results.md` and `results.csv` shaped like the
-paper's table (method, #params, val accuracy, device hours, full and delta checkpoint
-size), `accuracy_vs_params.png` (one line per method) and `metadata.json` (config,
-versions, devices).
+A grid of importance criteria x restorations x costs x constraints:
+
+* criteria: `lfpr` (LFPR's faithful per-batch score Σ_b G_b²), `lfpr_ps` (LFPR's
+  per-sample score Σ_i g_i², docs/LFPR.md §3.3, from the same scoring pass), `l1`,
+  `alg`, `fisher` (`owo` is a named slot without a definition);
+* restorations: `none`, `rest` (ReSt on pseudo-labels), `finetune` (full fine-tuning
+  with labels), `kwon` (Kwon et al.'s retraining-free mask rearrangement with the
+  criterion's per-batch gradients and mask tuning on ground-truth decoder inputs) and
+  `kwon_lf` (its label-free variant, `kwon.retraining_free_label_free`: the
+  rearrangement uses LFPR's per-batch gradients, the tuning batches carry no answer
+  field and are fed the unpruned model's greedy decoder inputs). `kwon_lf` cells exist
+  only for label-free criteria (`lfpr`, `lfpr_ps`, `l1`): with `alg` or `fisher` the
+  ranking itself reads answers, so those cells are left out of the grid;
+* costs (`sweep.costs`): the constraint is the kept fraction of the MMT parameters
+  ("params") or of its MACs ("flops", Kwon's constraint: the rows then answer "the best
+  model at a given speed");
+* constraints: kept fractions.
+
+Shared stages (data, base model, t*, scores per criterion, pseudo-labels) and every
+cell are cached in the workdir, so an interrupted sweep resumes. Output in
+`DIR/sweep/`: `results.md` and `results.csv` shaped like the paper's table (method,
+#params, MACs, val accuracy, device hours, full and delta checkpoint size),
+`accuracy_vs_params.png` (one panel per cost, one line per method) and `metadata.json`
+(config, versions, devices).
+
+**Seeds** (`sweep.seeds` = n > 1): seed i runs the whole sweep above in
+`DIR/seed_<i>/` with `seed` and `data.synthetic.seed` shifted by i (its own dataset and
+base model; `config_for_seed`), then `DIR/sweep/` gets the aggregate: per cell the mean
+± sample standard deviation over the seeds, and per (cost, constraint) the gap of every
+method to the best mean with the rule of `mark_gaps` (the gap exceeds the spread when
+it is larger than the sum of the two standard deviations), plus `per_seed.csv`.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -30,8 +52,8 @@ import ml_collections
 import numpy as np
 
 from lfpr_jax import atomic
-from lfpr_jax.experiments import common, stages
-from lfpr_jax.models.batch import STEP_FIELDS
+from lfpr_jax.experiments import common, config_checks, stages
+from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS
 from lfpr_jax.models.params import count_params
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning import (criteria, kwon, pseudo_labels, rest, scoring, selection,
@@ -49,15 +71,29 @@ STAGES = (
 )
 
 
+PER_SAMPLE = "lfpr_ps"   # LFPR's per-sample score: a view of the `lfpr` scores
+
+
+def base_criterion(name: str) -> str:
+  """The `criteria` registry name a sweep criterion is computed with."""
+  return "lfpr" if name == PER_SAMPLE else name
+
+
+def is_labelled(name: str) -> bool:
+  """Whether a sweep criterion's scores read ground-truth answers."""
+  return criteria.REGISTRY[base_criterion(name)].needs_labels
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   criterion: str
   restoration: str
   constraint: float
+  cost: str = "params"
 
   @property
   def name(self) -> str:
-    return f"{self.criterion}-{self.restoration}-{self.constraint:g}"
+    return f"{self.criterion}-{self.restoration}-{self.cost}-{self.constraint:g}"
 
   @property
   def method(self) -> str:
@@ -65,10 +101,14 @@ class Cell:
 
 
 def cells_of(config: ml_collections.ConfigDict) -> list[Cell]:
-  """The grid (the config is validated by `config_checks.validate` first)."""
+  """The grid (the config is validated by `config_checks.validate` first).
+
+  `kwon_lf` is paired only with label-free criteria (see the module docstring).
+  """
   sw = config.sweep
-  return [Cell(c, r, float(k)) for c in sw.criteria for r in sw.restorations
-          for k in sw.constraints]
+  return [Cell(c, r, float(k), cost) for cost in sw.costs for c in sw.criteria
+          for r in sw.restorations for k in sw.constraints
+          if not (r == "kwon_lf" and is_labelled(c))]
 
 
 def label_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
@@ -77,9 +117,24 @@ def label_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
                              fields=STEP_FIELDS + ("has_answers",), progress=False))
 
 
+def input_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
+  """Global batches of the model inputs only: no answer field is even loaded."""
+  return list(common.batches(s, indices=indices, local_batch=s.score_local,
+                             fields=MODEL_INPUTS, progress=False))
+
+
 def criterion_scores(name: str, s: common.Setup, t_star: int
                      ) -> tuple[scoring.Scores, float]:
-  """Scores of one criterion on the sample set (cached); returns (scores, seconds)."""
+  """Scores of one criterion on the sample set (cached); returns (scores, seconds).
+
+  `lfpr_ps` is the per-sample view of the cached `lfpr` scores (same scoring pass and
+  seconds, the same per-batch gradients G_b for Kwon's rearrangement).
+  """
+  if name == PER_SAMPLE:
+    scores, seconds = criterion_scores("lfpr", s, t_star)
+    head, ffn = scores.scores(per_sample=True)
+    return dataclasses.replace(scores, head=head, ffn=ffn,
+                               meta={**scores.meta, "per_sample": True}), seconds
   config, p = s.config, s.config.prune
   options: dict[str, Any] = {}
   if name == "lfpr":
@@ -98,21 +153,30 @@ def criterion_scores(name: str, s: common.Setup, t_star: int
                        save=lambda path, v: v.save(path), load=scoring.Scores.load)
 
 
-def _restore(cell: Cell, s: common.Setup, sel, scores, labels, directory: str
-             ) -> tuple[Any, Any, dict, Optional[dict]]:
+def _restore(cell: Cell, s: common.Setup, sel, scores, lfpr_scores, labels,
+             directory: str) -> tuple[Any, Any, dict, Optional[dict]]:
   """Runs the cell's restoration; returns (params, config, info, trainable tree)."""
   config = s.config
   params, pconfig = surgery.prune(s.base_params, s.base_config, sel.head_mask,
                                   sel.ffn_mask)
   if cell.restoration == "none":
     return params, pconfig, {}, None
-  if cell.restoration == "kwon":
+  if cell.restoration in ("kwon", "kwon_lf"):
     sw = config.sweep
-    tune_batches = label_batches(s, s.samples[:sw.kwon_tune_samples])
-    result = kwon.retraining_free(
-        s.model, s.base_params, scores, cell.constraint, kind=sw.cost,
-        batches=tune_batches, rearrange=scores.head_grads is not None, tune=True)
-    info = {"rearranged": result.rearranged,
+    tune_idx = s.samples[:sw.kwon_tune_samples]
+    # Same search as the other rows (strict budget: every row meets it).
+    kw = dict(kind=cell.cost, strict_budget=sw.strict_budget, tune=True)
+    if cell.restoration == "kwon":
+      result = kwon.retraining_free(
+          s.model, s.base_params, scores, cell.constraint,
+          batches=label_batches(s, tune_idx), rearrange=scores.head_grads is not None,
+          **kw)
+    else:
+      result = kwon.retraining_free_label_free(
+          s.model, s.base_params, scores, cell.constraint,
+          bos_index=s.data.vocab.bos_idx, batches=input_batches(s, tune_idx),
+          rearrange_grads=lfpr_scores, **kw)
+    info = {"rearranged": result.rearranged, "label_free": result.label_free,
             "tuning_stopped": None if result.tuning is None else
             str(result.tuning.stopped)}
     return result.params, result.config, info, None
@@ -143,21 +207,41 @@ def _restore(cell: Cell, s: common.Setup, sel, scores, labels, directory: str
                               "layers": layers}, trainable
 
 
-def run_cell(cell: Cell, s: common.Setup, scores, score_seconds: float, labels
+def mmt_macs(config) -> int:
+  """Kwon's MACs of the MMT layers of `config` (`selection.flops_costs`)."""
+  costs = selection.flops_costs(config)
+  return sum(costs.layer_cost(h, f) for h, f in zip(config.mmt_heads, config.mmt_ffn))
+
+
+def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
              ) -> dict:
-  """Selection under the sweep's cost, restoration, evaluation of one cell (cached)."""
+  """Selection under the cell's cost, restoration, evaluation of one cell (cached).
+
+  Args:
+    cell: the grid cell.
+    s: the setup.
+    scores: criterion name -> (Scores, seconds) of every criterion the grid uses
+      (and `lfpr` when a `kwon_lf` cell rearranges with its gradients).
+    labels: the pseudo-labels (ReSt), or None.
+  """
   config = s.config
   directory = os.path.join(s.workdir, "sweep", "cells", cell.name)
+  crit_scores, score_seconds = scores[cell.criterion]
+  lfpr_scores = None
+  if cell.restoration == "kwon_lf":
+    lfpr_scores, lfpr_seconds = scores["lfpr"]
+    if base_criterion(cell.criterion) != "lfpr":   # a second scoring pass was needed
+      score_seconds += lfpr_seconds
 
   def compute():
     os.makedirs(directory, exist_ok=True)
     t0 = time.time()
-    kw = (dict(config=s.base_config) if config.sweep.cost == "params"
-          else dict(costs=selection.constraint_costs(s.base_config, config.sweep.cost)))
-    sel = selection.select_sum(scores.head, scores.ffn, cell.constraint,
+    kw = (dict(config=s.base_config) if cell.cost == "params"
+          else dict(costs=selection.constraint_costs(s.base_config, cell.cost)))
+    sel = selection.select_sum(crit_scores.head, crit_scores.ffn, cell.constraint,
                                strict_budget=config.sweep.strict_budget, **kw)
-    params, pconfig, info, trainable = _restore(cell, s, sel, scores, labels,
-                                                directory)
+    params, pconfig, info, trainable = _restore(cell, s, sel, crit_scores, lfpr_scores,
+                                                labels, directory)
     restore_seconds = time.time() - t0
     acc = common.evaluate(TAP(pconfig), params, s, desc=f"eval {cell.name}")
     n_full = count_params(params)
@@ -170,8 +254,10 @@ def run_cell(cell: Cell, s: common.Setup, scores, score_seconds: float, labels
       delta_mb = full_mb  # every weight changed (fine-tuning) or folded masks (Kwon)
     mmt = selection.mmt_params(pconfig)
     return {"cell": cell.name, "method": cell.method, "criterion": cell.criterion,
-            "restoration": cell.restoration, "constraint": cell.constraint,
+            "restoration": cell.restoration, "cost": cell.cost,
+            "constraint": cell.constraint,
             "mmt_params": int(mmt), "mmt_kept_fraction": mmt / sel.full_params,
+            "mmt_macs_fraction": mmt_macs(pconfig) / mmt_macs(s.base_config),
             "model_params": int(n_full), "val_accuracy": acc["val_accuracy"],
             "val_metrics": acc["val_metrics"],
             "unpruned_val_accuracy": s.base_eval["val_accuracy"],
@@ -186,46 +272,205 @@ def run_cell(cell: Cell, s: common.Setup, scores, score_seconds: float, labels
   return row
 
 
+# Numeric row fields averaged over seeds.
+AGG_FIELDS = ("mmt_params", "mmt_kept_fraction", "mmt_macs_fraction", "model_params",
+              "val_accuracy", "unpruned_val_accuracy", "device_hours",
+              "full_checkpoint_mb", "delta_checkpoint_mb")
+CELL_KEYS = ("cost", "constraint", "criterion", "restoration")
+
+
+def _row_order(r: Mapping[str, Any]) -> tuple:
+  return (selection.COST_KINDS.index(r["cost"]) if r["cost"] in selection.COST_KINDS
+          else len(selection.COST_KINDS), r["cost"], r["constraint"], r["method"])
+
+
 def format_markdown(rows: list[dict], unpruned: float) -> str:
+  """The table of one sweep (one seed): a row per cell, by cost and constraint."""
   lines = [f"Unpruned val accuracy: {100 * unpruned:.2f}", "",
-           "| Method | constraint | #Params (MMT) | Val acc | Device hours | "
-           "File size (MB) | Delta (MB) |", "|---|---|---|---|---|---|---|"]
-  for r in sorted(rows, key=lambda r: (r["constraint"], r["method"])):
-    lines.append(f"| {r['method']} | {r['constraint']:g} | {r['mmt_params'] / 1e6:.3f}M "
-                 f"({100 * r['mmt_kept_fraction']:.1f}%) | {100 * r['val_accuracy']:.2f} "
+           "| Method | cost | constraint | #Params (MMT) | MACs (MMT) | Val acc | "
+           "Device hours | File size (MB) | Delta (MB) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=_row_order):
+    lines.append(f"| {r['method']} | {r['cost']} | {r['constraint']:g} "
+                 f"| {r['mmt_params'] / 1e6:.3f}M ({100 * r['mmt_kept_fraction']:.1f}%) "
+                 f"| {100 * r['mmt_macs_fraction']:.1f}% | {100 * r['val_accuracy']:.2f} "
                  f"| {r['device_hours']:.4f} | {r['full_checkpoint_mb']:.2f} "
                  f"| {r['delta_checkpoint_mb']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
-def format_csv(rows: list[dict]) -> str:
-  keys = ["method", "criterion", "restoration", "constraint", "mmt_params",
-          "mmt_kept_fraction", "model_params", "val_accuracy", "unpruned_val_accuracy",
-          "device_hours", "full_checkpoint_mb", "delta_checkpoint_mb"]
+CSV_KEYS = ("method", "criterion", "restoration", "cost", "constraint", "mmt_params",
+            "mmt_kept_fraction", "mmt_macs_fraction", "model_params", "val_accuracy",
+            "unpruned_val_accuracy", "device_hours", "full_checkpoint_mb",
+            "delta_checkpoint_mb")
+
+
+def format_csv(rows: list[dict], keys: Sequence[str] = CSV_KEYS) -> str:
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+  writer = csv.DictWriter(buf, fieldnames=list(keys), extrasaction="ignore",
+                          lineterminator="\n")
   writer.writeheader()
   writer.writerows(rows)
   return buf.getvalue()
 
 
-def plot(rows: list[dict], unpruned: float, path: str) -> None:
-  """Accuracy vs kept MMT parameters, one line per method (PNG, written atomically)."""
+# ------------------------------------------------------------------ seeds: aggregate
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+  a = np.asarray(values, np.float64)
+  if a.size == 0:
+    raise ValueError("mean_std of no values.")
+  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def aggregate(per_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict]:
+  """Mean ± sample std over seeds of every cell, then `mark_gaps`.
+
+  Args:
+    per_seed: the rows of each seed's sweep (`run` of one seed); a cell is matched
+      across seeds by (cost, constraint, criterion, restoration).
+
+  Returns:
+    One row per cell: `method`, `criterion`, `restoration`, `cost`, `constraint`,
+    `seeds` (how many seeds have the cell), `<field>_mean` and `<field>_std` of every
+    `AGG_FIELDS` entry, and the `mark_gaps` columns; sorted by cost, constraint,
+    method.
+
+  Raises:
+    ValueError: a row lacks a field, or a seed has the same cell twice.
+  """
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for i, rows in enumerate(per_seed):
+    seen = set()
+    for r in rows:
+      missing = [k for k in CELL_KEYS + AGG_FIELDS if k not in r]
+      if missing:
+        raise ValueError(f"seed {i}: a sweep row lacks {missing}.")
+      key = (r["cost"], float(r["constraint"]), r["criterion"], r["restoration"])
+      if key in seen:
+        raise ValueError(f"seed {i} has the cell {key} twice.")
+      seen.add(key)
+      groups.setdefault(key, []).append(r)
+  out = []
+  for (cost, constraint, crit, rest_name), rs in groups.items():
+    row = {"method": f"{crit} + {rest_name}", "criterion": crit,
+           "restoration": rest_name, "cost": cost, "constraint": constraint,
+           "seeds": len(rs)}
+    for f in AGG_FIELDS:
+      row[f + "_mean"], row[f + "_std"] = mean_std([r[f] for r in rs])
+    out.append(row)
+  return sorted(mark_gaps(out), key=_row_order)
+
+
+def mark_gaps(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """The gap of every method to the best one of the same cost and constraint.
+
+  The rule: in each (cost, constraint) the best row has the highest mean val accuracy
+  (ties: the first method by name). Another row's `gap_to_best` = best mean − its mean
+  (>= 0), and the difference exceeds the spread (`beyond_spread` True) when the gap is
+  larger than the sum of the two sample standard deviations, i.e. the intervals
+  mean ± std do not overlap; otherwise it is within the seed-to-seed noise. With fewer
+  than 2 seeds on either side there is no spread to compare with: `beyond_spread` is
+  None.
+
+  Returns:
+    Copies of `rows` (aggregated: `val_accuracy_mean`, `val_accuracy_std`, `seeds`)
+    with `is_best`, `gap_to_best` and `beyond_spread`.
+  """
+  out = [dict(r) for r in rows]
+  by_constraint: dict[tuple, list[dict]] = {}
+  for r in out:
+    by_constraint.setdefault((r["cost"], float(r["constraint"])), []).append(r)
+  for group in by_constraint.values():
+    best = max(sorted(group, key=lambda r: r["method"]),
+               key=lambda r: r["val_accuracy_mean"])
+    for r in group:
+      r["is_best"] = r is best
+      r["gap_to_best"] = best["val_accuracy_mean"] - r["val_accuracy_mean"]
+      if r is best:
+        r["beyond_spread"] = False
+      elif min(r["seeds"], best["seeds"]) < 2:
+        r["beyond_spread"] = None
+      else:
+        r["beyond_spread"] = bool(
+            r["gap_to_best"] > r["val_accuracy_std"] + best["val_accuracy_std"])
+  return out
+
+
+def _gap_text(r: Mapping[str, Any]) -> str:
+  if r["is_best"]:
+    return "best"
+  gap = f"-{100 * r['gap_to_best']:.2f}" if r["gap_to_best"] > 0 else "0.00"
+  if r["beyond_spread"] is None:
+    return gap + " (one seed: no spread)"
+  return gap + (" (beyond spread)" if r["beyond_spread"] else " (within spread)")
+
+
+def format_aggregate_markdown(rows: Sequence[Mapping[str, Any]],
+                              num_seeds: int) -> str:
+  """The seeded table: mean ± std per cell and the gap to the best method."""
+  # Every cell of a seed shares its unpruned accuracy: any row holds its mean ± std.
+  unpruned = (f"{100 * rows[0]['unpruned_val_accuracy_mean']:.2f} ± "
+              f"{100 * rows[0]['unpruned_val_accuracy_std']:.2f}") if rows else "n/a"
+  lines = [f"Seeds: {num_seeds} (seed_0 ... seed_{num_seeds - 1}); unpruned val "
+           f"accuracy: {unpruned}", "",
+           "Cells: mean ± sample standard deviation over the seeds. \"vs best\": the "
+           "gap of the mean val accuracy to the best method of the same cost and "
+           "constraint, \"beyond spread\" when it exceeds the sum of the two standard "
+           "deviations (else within the seed-to-seed noise).", "",
+           "| Method | cost | constraint | #Params (MMT) | MACs (MMT) | Val acc | "
+           "vs best | Device hours | File size (MB) | Delta (MB) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=_row_order):
+    lines.append(
+        f"| {r['method']} | {r['cost']} | {r['constraint']:g} "
+        f"| {r['mmt_params_mean'] / 1e6:.3f}M ± {r['mmt_params_std'] / 1e6:.3f}M "
+        f"({100 * r['mmt_kept_fraction_mean']:.1f}%) "
+        f"| {100 * r['mmt_macs_fraction_mean']:.1f}% "
+        f"| {100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f} "
+        f"| {_gap_text(r)} | {r['device_hours_mean']:.4f} "
+        f"| {r['full_checkpoint_mb_mean']:.2f} | {r['delta_checkpoint_mb_mean']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+AGG_CSV_KEYS = (("method", "criterion", "restoration", "cost", "constraint", "seeds")
+                + tuple(f"{f}_{m}" for f in AGG_FIELDS for m in ("mean", "std"))
+                + ("is_best", "gap_to_best", "beyond_spread"))
+
+
+def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
+  """Mean val accuracy ± std vs the kept MMT size, a panel per cost (PNG, atomic).
+
+  Args:
+    rows: aggregated rows (`aggregate`; one seed gives zero error bars).
+    unpruned: the unpruned model's (mean) val accuracy, a dotted line.
+    path: where the PNG goes.
+  """
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for method in sorted({r["method"] for r in rows}):
-    pts = sorted((r["mmt_params"], r["val_accuracy"]) for r in rows
-                 if r["method"] == method)
-    style = "-" if "none" not in method else "--"
-    ax.plot([p / 1e6 for p, _ in pts], [100 * a for _, a in pts], style, marker="o",
-            label=method)
-  ax.axhline(100 * unpruned, color="k", lw=0.8, ls=":", label="unpruned")
-  ax.set_xlabel("kept MMT parameters (M)")
-  ax.set_ylabel("val accuracy (%)")
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(alpha=0.3)
+  costs = sorted({r["cost"] for r in rows},
+                 key=lambda c: _row_order({"cost": c, "constraint": 0, "method": ""}))
+  fig, axes = plt.subplots(1, max(len(costs), 1), figsize=(7 * max(len(costs), 1), 4.5),
+                           squeeze=False)
+  for ax, cost in zip(axes[0], costs):
+    for method in sorted({r["method"] for r in rows if r["cost"] == cost}):
+      pts = sorted((r["mmt_params_mean"] / 1e6 if cost == "params"
+                    else 100 * r["mmt_macs_fraction_mean"],
+                    100 * r["val_accuracy_mean"], 100 * r["val_accuracy_std"])
+                   for r in rows if r["method"] == method and r["cost"] == cost)
+      style = "--" if method.endswith("+ none") else "-"
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                  fmt=style, marker="o", capsize=3, label=method)
+    ax.axhline(100 * unpruned, color="k", lw=0.8, ls=":", label="unpruned")
+    ax.set_xlabel("kept MMT parameters (M)" if cost == "params"
+                  else "kept MMT MACs (%)")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title(f"constraint on {cost}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
@@ -249,9 +494,37 @@ def metadata(config: ml_collections.ConfigDict) -> dict:
           "process_count": jax.process_count()}
 
 
+def config_for_seed(config: ml_collections.ConfigDict, index: int
+                    ) -> ml_collections.ConfigDict:
+  """The one-seed sweep of seed index `index`: a copy with `seed` and
+  `data.synthetic.seed` shifted by `index` (its own dataset and base model) and
+  `sweep.seeds` = 1; `config` is left untouched."""
+  if not isinstance(index, int) or index < 0:
+    raise ValueError(f"seed index must be an integer >= 0, got {index!r}.")
+  c = config.copy_and_resolve_references()
+  c.seed = config.seed + index
+  c.data.synthetic.seed = config.data.synthetic.seed + index
+  c.sweep.seeds = 1
+  return c
+
+
+def seed_workdir(workdir: str, index: int) -> str:
+  return os.path.join(workdir, f"seed_{index}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         invalidate: bool = False) -> list[dict]:
-  """Runs (or resumes) the whole grid; writes the table, CSV, plot and metadata."""
+  """Runs (or resumes) the sweep; writes the table, CSV, plot and metadata.
+
+  With `sweep.seeds` = n > 1 each seed's sweep runs in `<workdir>/seed_<i>/` (this
+  function on `config_for_seed(config, i)`) and `<workdir>/sweep/` gets the
+  aggregate (see the module docstring).
+
+  Returns:
+    The table's rows: one per cell (one seed) or the aggregated rows (several).
+  """
+  if config.sweep.seeds > 1:
+    return run_seeds(config, workdir, invalidate=invalidate)
   # ------------------------------------------------------------ setup (validated)
   s = common.setup(config, workdir, STAGES, ignore=MUTABLE_KEYS, invalidate=invalidate)
   cells = cells_of(config)
@@ -261,10 +534,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # --------------------------------------------------- shared stages and scores
   t_star, _ = common.tstar_stage(s)
   labels = common.labels_stage(s)[0] if needs_labels else None
-  scores = {name: criterion_scores(name, s, t_star) for name in config.sweep.criteria}
+  names = list(config.sweep.criteria)
+  if any(c.restoration == "kwon_lf" for c in cells):
+    names.append("lfpr")             # its per-batch gradients drive the rearrangement
+  scores = {name: criterion_scores(name, s, t_star) for name in dict.fromkeys(names)}
 
   # ------------------------------------------------------------------------ cells
-  rows = [run_cell(cell, s, *scores[cell.criterion], labels) for cell in cells]
+  rows = [run_cell(cell, s, scores, labels) for cell in cells]
 
   # ---------------------------------------------------------------------- outputs
   if jax.process_index() == 0:
@@ -273,5 +549,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                       format_markdown(rows, unpruned))
     atomic.write_text(os.path.join(sweep_dir, "results.csv"), format_csv(rows))
     atomic.write_json(os.path.join(sweep_dir, "metadata.json"), metadata(config))
+    plot(aggregate([rows]), unpruned, os.path.join(sweep_dir, "accuracy_vs_params.png"))
+  return rows
+
+
+def run_seeds(config: ml_collections.ConfigDict, workdir: str, *,
+              invalidate: bool = False) -> list[dict]:
+  """Every seed's sweep in its sub-workdir, then the aggregate in `<workdir>/sweep/`."""
+  config_checks.validate(config)       # before any seed writes anything
+  n = config.sweep.seeds
+  per_seed = [run(config_for_seed(config, i), seed_workdir(workdir, i),
+                  invalidate=invalidate) for i in range(n)]
+  rows = aggregate(per_seed)
+  if jax.process_index() == 0:
+    sweep_dir = os.path.join(workdir, "sweep")
+    os.makedirs(sweep_dir, exist_ok=True)
+    atomic.write_text(os.path.join(sweep_dir, "results.md"),
+                      format_aggregate_markdown(rows, n))
+    atomic.write_text(os.path.join(sweep_dir, "results.csv"),
+                      format_csv(rows, AGG_CSV_KEYS))
+    atomic.write_text(os.path.join(sweep_dir, "per_seed.csv"), format_csv(
+        [{**r, "seed": i} for i, seed_rows in enumerate(per_seed) for r in seed_rows],
+        ("seed",) + CSV_KEYS))
+    meta = metadata(config)
+    meta["seeds"] = [{"index": i, "seed": config.seed + i,
+                      "data_seed": config.data.synthetic.seed + i,
+                      "workdir": seed_workdir(workdir, i)} for i in range(n)]
+    atomic.write_json(os.path.join(sweep_dir, "metadata.json"), meta)
+    unpruned = float(np.mean([seed_rows[0]["unpruned_val_accuracy"]
+                              for seed_rows in per_seed if seed_rows]))
     plot(rows, unpruned, os.path.join(sweep_dir, "accuracy_vs_params.png"))
   return rows

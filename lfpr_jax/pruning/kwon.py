@@ -26,11 +26,20 @@ Three stages on top of any gradient criterion (`lfpr_jax.pruning.criteria`):
    initial learnable masks.
 
 TAP specifics of the tuning: the layer inputs are the teacher-forced MMT sequence
-(text, objects, OCR, decoder rows fed with `train_prev_inds`; `greedy_prev_inds`
-replaces them with the teacher's own greedy predictions, label-free). Valid rows are
-the non-padded text, object and OCR rows and the first `decoder_steps` decoder rows of
+(text, objects, OCR, decoder rows fed with `train_prev_inds`). Valid rows are the
+non-padded text, object and OCR rows and the first `decoder_steps` decoder rows of
 real (weight > 0) samples; in the last layer only the rows read downstream (OCR and
 decoder rows) count, the analogue of Kwon's CLS-only last layer.
+
+**Label-free variant** (`retraining_free_label_free`, the sweep's `kwon_lf`): Kwon's
+pipeline reads answers twice, through the labelled Fisher (search and rearrangement)
+and through the ground-truth decoder inputs of the tuning batches. Here the units are
+ranked by a label-free criterion (`lfpr`, or `l1`), the rearrangement uses LFPR's
+per-batch gradients G_b of the max logit at t* (docs/LFPR.md §3.2) in place of the
+Fisher's, and the tuning batches are stripped of every answer field (`ANSWER_FIELDS`)
+and fed the unpruned model's own greedy decoder inputs (BOS, then its argmaxes;
+`label_free_batches`). Labelled scores are refused, so nothing upstream of the pruned
+model has seen an answer.
 """
 
 from __future__ import annotations
@@ -46,11 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfpr_jax.pruning import selection
-from lfpr_jax.pruning import surgery
-from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.batch import DECODER_INPUTS, LOSS_FIELDS, MODEL_INPUTS
 from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.tap import TAP, BertLayer
+from lfpr_jax.pruning import criteria, selection, surgery
 
 PyTree = Any
 Array = jax.Array
@@ -419,18 +428,67 @@ def tune_masks(model: TAP, params: PyTree, batches: Sequence[Mapping[str, Any]],
   return TuningResult(head_mask=s_head, ffn_mask=s_ffn, log=log, stopped=stopped)
 
 
-def greedy_prev_inds(model: TAP, params: PyTree, batch: Mapping[str, Any], *,
-                     bos_index: int, head_mask: Any = None, ffn_mask: Any = None
-                     ) -> dict:
-  """`batch` with `train_prev_inds` = the (masked) model's own greedy decoder inputs.
+# Every batch field that carries (or flags) a ground-truth answer: the label-free
+# restoration drops them before anything reads the batch.
+ANSWER_FIELDS: tuple[str, ...] = DECODER_INPUTS + LOSS_FIELDS + ("answers",
+                                                                 "has_answers")
 
-  Label-free decoder inputs for `tune_masks`: BOS, then the argmaxes of greedy
-  decoding with the given masks (e.g. the teacher's).
+
+def make_greedy_inputs_fn(model: TAP, *, bos_index: int):
+  """Jitted `(params, inputs) -> [B, decode_steps]` greedy decoder inputs (eval mode)."""
+  def fn(params, inputs):
+    _, prev = greedy_decode(model, {"params": params}, inputs, bos_index=bos_index)
+    return prev
+  return jax.jit(fn)
+
+
+def label_free_batches(model: TAP, params: PyTree,
+                       batches: Sequence[Mapping[str, Any]], *, bos_index: int
+                       ) -> list[dict]:
+  """Tuning batches without any answer: the unpruned model's own decoder inputs.
+
+  Args:
+    model, params: the unpruned model (the teacher of the tuning).
+    batches: mappings holding at least `MODEL_INPUTS` (batch first); any answer
+      field (`ANSWER_FIELDS`: `train_prev_inds`, `targets`, `train_loss_mask`,
+      `answers`, `has_answers`) is dropped unread.
+    bos_index: answer-vocabulary index of `<s>`.
+
+  Returns:
+    New dicts: the non-answer fields (e.g. `weight`, `question_id`) and
+    `train_prev_inds` `[B, decode_steps]` int32 = BOS, then the unpruned model's
+    greedy argmaxes (`greedy_decode`'s second output).
+
+  Raises:
+    ValueError: a batch lacks a model input.
   """
-  inputs = {k: v for k, v in batch.items() if k != "train_prev_inds"}
-  _, prev = greedy_decode(model, {"params": params}, inputs, bos_index=bos_index,
-                          head_mask=head_mask, ffn_mask=ffn_mask)
-  return {**batch, "train_prev_inds": prev}
+  fn = make_greedy_inputs_fn(model, bos_index=bos_index)
+  out = []
+  for i, batch in enumerate(batches):
+    clean = {k: v for k, v in batch.items() if k not in ANSWER_FIELDS}
+    missing = [k for k in MODEL_INPUTS if k not in clean]
+    if missing:
+      raise ValueError(f"label-free tuning batch {i} lacks the model inputs {missing}.")
+    prev = fn(params, {k: clean[k] for k in MODEL_INPUTS})
+    out.append({**clean, "train_prev_inds": prev})
+  return out
+
+
+def check_label_free(scores: Any, what: str = "scores") -> None:
+  """Refuses scores of a criterion that reads answers (or of an unknown one).
+
+  Raises:
+    ValueError: `scores.criterion` is labelled (`alg`, `fisher`) or not a known
+      criterion, naming the label-free ones.
+  """
+  name = getattr(scores, "criterion", None)
+  cls = criteria.REGISTRY.get(name) if isinstance(name, str) else None
+  if cls is None or cls.needs_labels or not cls.defined:
+    free = [n for n, c in criteria.REGISTRY.items() if c.defined and not c.needs_labels]
+    why = ("reads ground-truth answers" if cls is not None and cls.needs_labels
+           else "is not a known label-free criterion")
+    raise ValueError(f"label-free restoration got {what} of criterion {name!r}, which "
+                     f"{why}; expected scores of {', '.join(free)}.")
 
 
 # ------------------------------------------------------------------------ folding
@@ -489,6 +547,7 @@ class KwonResult:
     tuning: the TuningResult, or None without tuning.
     params, config: the pruned model with the masks folded in (or as learnable
       masks).
+    label_free: no stage read an answer (`retraining_free_label_free`).
   """
   search: SearchResult
   head_mask: np.ndarray
@@ -497,25 +556,29 @@ class KwonResult:
   tuning: Optional[TuningResult]
   params: dict
   config: TapConfig
+  label_free: bool = False
 
 
 def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, *,
                     kind: str = "flops", batches: Optional[Sequence[Mapping]] = None,
                     rearrange: bool = True, tune: bool = True,
                     strict_budget: bool = False, from_mask: bool = False,
-                    learnable_masks: bool = False, **tune_kwargs: Any) -> KwonResult:
+                    learnable_masks: bool = False, rearrange_grads: Any = None,
+                    **tune_kwargs: Any) -> KwonResult:
   """Search (c and √c) → rearrangement → mask tuning → folded pruned model.
 
   Args:
     model, params: the unpruned model.
     scores: a `scoring.Scores` (its `head`/`ffn` scores rank the units, its
-      per-batch gradients drive the rearrangement).
+      per-batch gradients drive the rearrangement unless `rearrange_grads`).
     constraint: c, the kept fraction of the FLOPs (`kind="flops"`) or parameters.
     kind: "flops" (Kwon) or "params" (LFPR).
     batches: the tuning data (see `tune_masks`); needed when `tune`.
     rearrange, tune: run those stages.
     strict_budget, from_mask: passed to the search / rearrangement.
     learnable_masks: keep the tuned scales as learnable masks instead of folding.
+    rearrange_grads: a `scoring.Scores` whose per-batch gradients drive the
+      rearrangement (default: `scores`).
     tune_kwargs: further `tune_masks` options (damp, scale_bound, decoder_steps...).
   """
   search = search_masks(scores.head, scores.ffn, constraint, config=model.config,
@@ -523,12 +586,13 @@ def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, 
   head = search.student.head_mask.astype(np.float32)
   ffn = search.student.ffn_mask.astype(np.float32)
   if rearrange:
-    if scores.head_grads is None or scores.ffn_grads is None:
+    g = scores if rearrange_grads is None else rearrange_grads
+    if g.head_grads is None or g.ffn_grads is None:
       raise ValueError(f"rearrangement needs per-batch gradients; the "
-                       f"{scores.criterion!r} scores have none (use a gradient "
+                       f"{g.criterion!r} scores have none (use a gradient "
                        "criterion with keep_batch_grads, or rearrange=False).")
-    head = rearrange_masks(head, scores.head_grads, from_mask=from_mask)
-    ffn = rearrange_masks(ffn, scores.ffn_grads, from_mask=from_mask)
+    head = rearrange_masks(head, g.head_grads, from_mask=from_mask)
+    ffn = rearrange_masks(ffn, g.ffn_grads, from_mask=from_mask)
   keep_head, keep_ffn = head != 0, ffn != 0
   tuning = None
   if tune:
@@ -544,3 +608,46 @@ def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, 
                                      keep_head=keep_head, keep_ffn=keep_ffn)
   return KwonResult(search=search, head_mask=head, ffn_mask=ffn, rearranged=rearrange,
                     tuning=tuning, params=pruned, config=pruned_config)
+
+
+def retraining_free_label_free(model: TAP, params: PyTree, scores: Any,
+                               constraint: float, *, bos_index: int,
+                               batches: Optional[Sequence[Mapping]] = None,
+                               rearrange_grads: Any = None, kind: str = "flops",
+                               rearrange: bool = True, tune: bool = True,
+                               **kwargs: Any) -> KwonResult:
+  """`retraining_free` that never reads an answer (see the module docstring).
+
+  Args:
+    model, params: the unpruned model.
+    scores: scores of a label-free criterion (`lfpr`, `l1`); they rank the units.
+    constraint, kind: as `retraining_free`.
+    bos_index: the decoder's BOS index (for the greedy decoder inputs).
+    batches: tuning batches with the model inputs; their answer fields are dropped
+      unread and `train_prev_inds` becomes the unpruned model's greedy decoder inputs
+      (`label_free_batches`). Needed when `tune`.
+    rearrange_grads: the LFPR `scoring.Scores` (computed with `keep_batch_grads`)
+      whose per-batch gradients G_b drive the rearrangement; default `scores` (which
+      then must carry them, i.e. be LFPR's).
+    rearrange, tune: run those stages.
+    kwargs: further `retraining_free` / `tune_masks` options.
+
+  Returns:
+    The KwonResult, with `label_free` True.
+
+  Raises:
+    ValueError: `scores` or `rearrange_grads` come from a labelled (or unknown)
+      criterion, or a stage lacks its inputs.
+  """
+  check_label_free(scores)
+  if rearrange_grads is not None:
+    check_label_free(rearrange_grads, "rearrangement gradients")
+  tune_batches = None
+  if tune:
+    if not batches:
+      raise ValueError("mask tuning needs batches (tune=False to skip it).")
+    tune_batches = label_free_batches(model, params, batches, bos_index=bos_index)
+  result = retraining_free(model, params, scores, constraint, kind=kind,
+                           batches=tune_batches, rearrange=rearrange, tune=tune,
+                           rearrange_grads=rearrange_grads, **kwargs)
+  return dataclasses.replace(result, label_free=True)

@@ -1,5 +1,6 @@
 """Kwon et al.'s retraining-free pieces (docs/LFPR.md §9): FLOPs costs and search, mask
-rearrangement against brute force, layer-wise mask tuning and folding on small shapes."""
+rearrangement against brute force, layer-wise mask tuning and folding on small shapes,
+and the label-free variant (no answer field is read)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfpr_jax.pruning import kwon
-from lfpr_jax.pruning import scoring
-from lfpr_jax.pruning import selection
-from lfpr_jax.models.batch import model_inputs
+from lfpr_jax.models.batch import MODEL_INPUTS, model_inputs
 from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.pruning import kwon, scoring, selection
 from tests.helpers import TINY, random_batch, random_params
 
 TAP_CONFIG = TapConfig.tap()
@@ -400,3 +400,124 @@ def test_retraining_free_pipeline(tuning_setup):
                                kind="params")
   assert plain.tuning is None and plain.search.student.cost_unit == "params"
   np.testing.assert_array_equal(plain.head_mask, plain.search.student.head_mask)
+
+
+# ------------------------------------------------------------ label-free variant
+
+
+def _answer_batches(model, seed0: int = 20):
+  """Two batches of 4 with model inputs, weights and every answer field."""
+  out = []
+  for seed in (seed0, seed0 + 1):
+    raw = random_batch(TINY, 4, seed)
+    x = {k: np.asarray(v) for k, v in model_inputs(raw, TINY, with_targets=True).items()}
+    x["weight"] = np.array([1, 1, 1, float(seed == seed0)], np.float32)
+    x["has_answers"] = np.ones(4, bool)
+    x["answers"] = np.array([[f"a{seed}{i}"] * 10 for i in range(4)], object)
+    out.append(x)
+  return out
+
+
+def _poisoned(batches, seed: int):
+  """The answer fields replaced by NaN / random values of the same shapes."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for b in batches:
+    b = dict(b)
+    b["targets"] = np.full(b["targets"].shape, np.nan, np.float32)
+    b["train_loss_mask"] = np.full(b["train_loss_mask"].shape, np.nan, np.float32)
+    b["train_prev_inds"] = rng.integers(0, TINY.num_answers + TINY.ocr_max,
+                                        b["train_prev_inds"].shape).astype(np.int32)
+    b["answers"] = rng.integers(0, 9, b["answers"].shape).astype(str).astype(object)
+    b["has_answers"] = np.zeros(4, bool)
+    out.append(b)
+  return out
+
+
+def _label_free_run(model, params, batches):
+  scores = scoring.compute("lfpr", model, params, batches, group_size=2, t_star=1,
+                           bos_index=1, keep_batch_grads=True)
+  out = kwon.retraining_free_label_free(model, params, scores, 0.5, bos_index=1,
+                                        batches=batches, kind="params")
+  return scores, out
+
+
+def test_label_free_restoration_reads_no_answer():
+  """Scoring + rearrangement + tuning give bit-identical results whether the answer
+  fields are present, poisoned (NaN / random) or absent."""
+  model = TAP(TINY)
+  params = random_params(TINY, 11, scale=0.2)
+  clean = _answer_batches(model)
+  stripped = [{k: v for k, v in b.items() if k not in kwon.ANSWER_FIELDS}
+              for b in clean]
+  assert "train_prev_inds" not in stripped[0] and "targets" not in stripped[0]
+  ref_scores, ref = _label_free_run(model, params, clean)
+  assert ref.label_free and ref.rearranged and ref.tuning is not None
+  assert ref.tuning.log and ref_scores.head_grads.shape == (4, 2, 2)
+  # The rearrangement used LFPR's per-batch gradients.
+  np.testing.assert_array_equal(
+      (ref.head_mask != 0).astype(np.float32),
+      kwon.rearrange_masks(ref.search.student.head_mask, ref_scores.head_grads))
+  for variant in (stripped, _poisoned(clean, 0), _poisoned(clean, 1)):
+    scores, out = _label_free_run(model, params, variant)
+    for k in ("head", "ffn", "head_grads", "ffn_grads", "head_per_sample",
+              "ffn_per_sample"):
+      np.testing.assert_array_equal(getattr(scores, k), getattr(ref_scores, k),
+                                    err_msg=k)
+    np.testing.assert_array_equal(out.head_mask, ref.head_mask)
+    np.testing.assert_array_equal(out.ffn_mask, ref.ffn_mask)
+    assert out.tuning.log == ref.tuning.log
+    jax.tree.map(np.testing.assert_array_equal, out.params, ref.params)
+  # The poison is not inert: the labelled tuning does read train_prev_inds.
+  th, tf = ref.search.teacher.head_mask, ref.search.teacher.ffn_mask
+  sh = (ref.head_mask != 0).astype(np.float32)
+  sf = (ref.ffn_mask != 0).astype(np.float32)
+  tune = lambda bs: kwon.tune_masks(
+      model, params, [{k: v for k, v in b.items() if k != "answers"} for b in bs],
+      teacher_head_mask=th, teacher_ffn_mask=tf, head_mask=sh, ffn_mask=sf)
+  assert not np.array_equal(tune(clean).ffn_mask, tune(_poisoned(clean, 0)).ffn_mask)
+
+
+def test_label_free_batches_and_refusals():
+  model = TAP(TINY)
+  params = random_params(TINY, 11, scale=0.2)
+  clean = _answer_batches(model)
+  out = kwon.label_free_batches(model, params, clean, bos_index=1)
+  assert set(out[0]) == set(MODEL_INPUTS) | {"weight", "train_prev_inds"}
+  # Decoder inputs = the unpruned model's own greedy inputs: BOS, then its argmaxes.
+  inputs = {k: jnp.asarray(clean[0][k]) for k in MODEL_INPUTS}
+  scores, prev = greedy_decode(model, {"params": params}, inputs, bos_index=1)
+  np.testing.assert_array_equal(out[0]["train_prev_inds"], prev)
+  np.testing.assert_array_equal(np.asarray(prev)[:, 0], 1)
+  np.testing.assert_array_equal(np.asarray(prev)[:, 1:],
+                                np.argmax(np.asarray(scores), -1)[:, :-1])
+  assert not np.array_equal(prev, clean[0]["train_prev_inds"])
+  no_text = {k: v for k, v in clean[1].items() if k != "cmb_text"}
+  with pytest.raises(ValueError,
+                     match="batch 1 lacks the model inputs \\[.cmb_text.\\]"):
+    kwon.label_free_batches(model, params, [clean[0], no_text], bos_index=1)
+  # Labelled scores are refused (ranking or rearranging with them reads answers).
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(3, 2, 2)).astype(np.float32), rng.normal(size=(3, 2, 16))
+  fisher = scoring.Scores("fisher", np.ones((2, 2)), np.ones((2, 16)), g[0],
+                          g[1].astype(np.float32))
+  lfpr = scoring.Scores("lfpr", fisher.head, fisher.ffn, fisher.head_grads,
+                        fisher.ffn_grads)
+  for kw, match in (({"scores": fisher}, "criterion 'fisher', which reads "
+                     "ground-truth answers; expected scores of lfpr, l1"),
+                    ({"scores": lfpr, "rearrange_grads": fisher},
+                     "rearrangement gradients of criterion 'fisher'"),
+                    ({"scores": scoring.Scores("snip", fisher.head, fisher.ffn)},
+                     "'snip', which is not a known label-free criterion")):
+    with pytest.raises(ValueError, match=match):
+      kwon.retraining_free_label_free(model, params, constraint=0.5, bos_index=1,
+                                      batches=clean, **kw)
+  # l1 ranks, LFPR's gradients rearrange.
+  l1 = scoring.Scores("l1", *scoring.criteria.l1_scores(params, TINY))
+  res = kwon.retraining_free_label_free(model, params, l1, 0.5, bos_index=1,
+                                        rearrange_grads=lfpr, tune=False)
+  assert res.rearranged and res.label_free and res.tuning is None
+  np.testing.assert_array_equal(res.head_mask, kwon.rearrange_masks(
+      res.search.student.head_mask, lfpr.head_grads))
+  with pytest.raises(ValueError, match="'l1' scores have none"):
+    kwon.retraining_free_label_free(model, params, l1, 0.5, bos_index=1, tune=False)
