@@ -5,6 +5,8 @@ one program per trimmed shape):
 
   python -m benchmarks.trim_speed --batch 16 --batches 3 --repeats 3 \
       --out benchmarks/results/trim_speed.json
+  python -m benchmarks.trim_speed --stages eval --batch 16 --eval-pool 6 \
+      --repeats 2 --simulate 50      # the evaluation pass only (about 4 minutes)
 
 Full-size TAP, float32, random weights (`init_params`). Batches follow a TextVQA-like
 length distribution (`textvqa_like_lengths`): questions of 5-14 words (about 1.2
