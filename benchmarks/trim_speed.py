@@ -5,6 +5,8 @@ one program per trimmed shape):
 
   python -m benchmarks.trim_speed --batch 16 --batches 3 --repeats 3 \
       --out benchmarks/results/trim_speed.json
+  python -m benchmarks.trim_speed --stages eval --batch 16 --eval-pool 6 \
+      --repeats 2 --simulate 50      # the evaluation pass only (about 4 minutes)
 
 Full-size TAP, float32, random weights (`init_params`). Batches follow a TextVQA-like
 length distribution (`textvqa_like_lengths`): questions of 5-14 words (about 1.2
@@ -17,6 +19,14 @@ to the batch's longest valid lengths, `trim.DEFAULT_BUCKETS` unless `--buckets`)
   forward   teacher-forced scores, eval mode (the trimmed one includes
             `restore_scores`, on device);
   greedy    cached greedy decoding, 12 steps (`greedy_decode`).
+  eval      the greedy evaluation pass as `evaluate(config.trim)` runs it, over a pool
+            of `--eval-pool` batches of TextVQA-like examples: padded in data order
+            (one program) vs sorted by length (`parallel.length_order`) and trimmed on
+            the host (`trim_batch`, timed with it) with one program per shape
+            (`evaluate.greedy_predictor(trim=True)`); argmax indices checked equal
+            after unsorting. Reported: the first pass including every compile (what
+            one evaluation costs) and the steady-state passes, alternating padded /
+            trimmed pass by pass.
 
 Every program is compiled ahead of time (reported, not timed). The timed calls
 alternate padded / trimmed batch by batch, so machine noise (the machine is shared)
@@ -45,6 +55,8 @@ from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.training import evaluate as evaluation
+from lfpr_jax.training import parallel
 
 BUCKET_SETS = {
     "pow2 (8,16,32,64) [default]": (8, 16, 32, 64),
@@ -147,6 +159,77 @@ def simulate(config: TapConfig, batch_size: int, n: int, seed: int) -> dict[str,
   return out
 
 
+def eval_stage(config: TapConfig, params: Any, rng: np.random.Generator, *,
+               batch: int, pool: int, repeats: int, buckets: Sequence[int]
+               ) -> dict[str, Any]:
+  """Greedy evaluation of `pool * batch` examples, padded vs sorted + trimmed."""
+  lengths = np.concatenate([textvqa_like_lengths(rng, config, batch)
+                            for _ in range(pool)])
+  n = len(lengths)
+  data = make_batch(rng, config, lengths)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  padded_fn = evaluation.greedy_predictor(config, mesh, 1, trim=False)
+  order = parallel.length_order(lengths, config, num_records=n, local_batch=batch,
+                                mesh=mesh, buckets=buckets)
+  take = lambda idx: {k: v[idx] for k, v in data.items()}  # noqa: E731
+  chunks = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
+  padded_batches = [take(c) for c in chunks]
+  sorted_batches = [take(order.indices[c]) for c in chunks]
+
+  def run_padded():
+    return [np.asarray(padded_fn(params, jax.device_put(b))) for b in padded_batches]
+
+  def run_trimmed(fn):
+    out, sizes = [], []
+    for b in sorted_batches:  # host trim is part of the timed pass, as in evaluate
+      cut, tc, info = trim.trim_batch(b, config, buckets=buckets)
+      cut["text_position_ids"] = np.broadcast_to(cut["text_position_ids"][None],
+                                                 (len(b["cmb_text"]),
+                                                  len(info.text_columns))).copy()
+      out.append(np.asarray(fn.specialised(tc)(jax.device_put(cut), params)))
+      sizes.append(info.sizes)
+    return out, sizes
+
+  trimmed_fn = evaluation.greedy_predictor(config, mesh, 1, trim=True, buckets=buckets)
+  load = {"before": loadavg()}
+  first = {}
+  t0 = time.perf_counter()
+  ref = run_padded()
+  first["padded"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  got, sizes = run_trimmed(trimmed_fn)
+  first["trimmed"] = time.perf_counter() - t0
+  ref = np.concatenate(ref)
+  got = np.concatenate(got)[parallel.data_order(order.positions)]
+  equal = bool(np.array_equal(ref, got))
+  common.log(f"[eval] first pass (with compiles): padded {first['padded']:.1f} s, "
+             f"trimmed {first['trimmed']:.1f} s, {trimmed_fn.num_specialisations} "
+             f"trimmed programs; argmax equal: {equal}")
+  steady = {"padded": [], "trimmed": []}
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    run_padded()
+    steady["padded"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    run_trimmed(trimmed_fn)
+    steady["trimmed"].append(time.perf_counter() - t0)
+    common.log(f"[eval] round {r}: padded {steady['padded'][-1]:.2f} s, trimmed "
+               f"{steady['trimmed'][-1]:.2f} s")
+  pad, cut = statistics.median(steady["padded"]), statistics.median(steady["trimmed"])
+  unsorted_sizes = {tuple(trim.bucket_size(int(m), f, buckets) for m, f in
+                          zip(lengths[c].max(0), trim.segment_sizes(config)))
+                    for c in chunks}
+  load["after"] = loadavg()
+  return {"examples": n, "batches": len(chunks), "argmax_equal": equal, "loadavg": load,
+          "compiles": {"padded": 1, "trimmed": trimmed_fn.num_specialisations},
+          "shapes_unsorted": len(unsorted_sizes), "sizes": sizes,
+          "first_pass_s": first, "first_pass_ratio": first["padded"] / first["trimmed"],
+          "steady_s": steady, "padded_s": pad, "trimmed_s": cut,
+          "speedup": pad / cut, "time_fraction": cut / pad,
+          "flop_fraction": statistics.mean(flop_fraction(
+              config, trim.trimmed_config(config, z))["greedy"] for z in sizes)}
+
+
 def loadavg() -> Optional[str]:
   try:
     with open("/proc/loadavg") as f:
@@ -161,7 +244,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--batches", type=int, default=3, help="distinct random batches")
   p.add_argument("--repeats", type=int, default=3, help="timed rounds over all batches")
-  p.add_argument("--stages", default="forward,greedy")
+  p.add_argument("--stages", default="forward,greedy,eval")
+  p.add_argument("--eval-pool", type=int, default=8,
+                 help="batches of examples in the eval stage's pool")
   p.add_argument("--buckets", default=None,
                  help="comma-separated bucket sizes (default trim.DEFAULT_BUCKETS)")
   p.add_argument("--simulate", type=int, default=2000,
@@ -175,8 +260,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   if args.batch < 1 or args.batches < 1 or args.repeats < 1:
     p.error("--batch, --batches and --repeats must be >= 1")
   args.stages = [s for s in args.stages.split(",") if s]
-  if not set(args.stages) <= {"forward", "greedy"} or not args.stages:
-    p.error("--stages must name forward and/or greedy")
+  if not set(args.stages) <= {"forward", "greedy", "eval"} or not args.stages:
+    p.error("--stages must name forward, greedy and/or eval")
   return args
 
 
@@ -224,7 +309,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
   load_before = loadavg()
   results: dict[str, Any] = {}
-  for stage in args.stages:
+  if "eval" in args.stages:
+    results["eval"] = eval_stage(config, params, rng, batch=args.batch,
+                                 pool=args.eval_pool, repeats=args.repeats,
+                                 buckets=buckets)
+  for stage in (s for s in args.stages if s != "eval"):
     compiled, compile_s = {}, {"padded": 0.0, "trimmed": 0.0}
     t0 = time.perf_counter()
     compiled["padded"] = jax.jit(stage_fns[stage](config)).lower(

@@ -129,5 +129,8 @@ def real_data_config(model: str, dataset: str, arg: str | None = None
   config.rest = rest_section(model, dataset)
   config.eval = ml_collections.ConfigDict(dict(batch_size=32))
   config.speed = speed_section()
+  # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
+  # stages: evaluation, pseudo-labels, t*; same results as the padded model.
+  config.trim = True
   config.progress = True
   return config

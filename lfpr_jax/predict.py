@@ -25,10 +25,8 @@ import ml_collections
 from lfpr_jax import atomic, cli
 from lfpr_jax.data.pipeline import make_loader, open_source
 from lfpr_jax.data.prepare import prepare_data
-from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import checkpointing, parallel
 from lfpr_jax.training import evaluate as evaluation
-from lfpr_jax.training.step import make_predict
 
 SPLITS = ("train", "val", "test")
 
@@ -71,17 +69,21 @@ def predictions(config: ml_collections.ConfigDict, model_dir: str, split: str, *
   parallel.check_batch_size(global_batch, mesh)
   local = global_batch // jax.process_count()
   n = len(open_source(data.built_dir, split))
+  trim = bool(config.get("trim", False))  # exact; sorted by length, unsorted results
+  order = parallel.length_order(
+      parallel.shard_lengths(data.built_dir, split, model_config), model_config,
+      num_records=n, local_batch=local, mesh=mesh) if trim else None
   batches = make_loader(data.built_dir, split, local, shuffle=False,
-                        drop_remainder=False)
+                        drop_remainder=False, indices=None if order is None else order.indices)
+  if trim:
+    batches = parallel.with_positions(batches, order.positions)
   kw = dict(local_batch=local, num_batches=parallel.num_global_batches(n, local),
             desc=f"predict {split}", progress=progress)
-  predict = make_predict(TAP(model_config), mesh, data.vocab.bos_idx)
+  predict = evaluation.greedy_predictor(model_config, mesh, data.vocab.bos_idx,
+                                        trim=trim)
   rep = parallel.replicate(params, mesh)
   if split == "test":  # no answers to score against
-    rows = [{"question_id": int(q), "answer": w}
-            for batch, words in evaluation.answer_batches(predict, rep, batches,
-                                                          data.vocab, mesh, **kw)
-            for q, w in zip(batch["question_id"], words)]
+    rows = evaluation.answers(predict, rep, batches, data.vocab, mesh, **kw)
     return {"predictions": rows, "metrics": None}
   result = evaluation.evaluate(predict, rep, batches, data.vocab, mesh,
                                dataset=data.layout.dataset, predictions=True, **kw)

@@ -28,6 +28,7 @@ from lfpr_jax.data.pipeline import make_loader, open_source
 from lfpr_jax.data.prepare import PreparedData, prepare_data
 from lfpr_jax.experiments import config_checks, stages
 from lfpr_jax.experiments.base_model import train_and_evaluate
+from lfpr_jax.models import trim as trimming
 from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
@@ -35,7 +36,6 @@ from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning import pseudo_labels, tstar
 from lfpr_jax.training import checkpointing, parallel
 from lfpr_jax.training import evaluate as evaluation
-from lfpr_jax.training.step import make_predict
 
 PyTree = Any
 STAGE_DIR = "lfpr"
@@ -119,8 +119,12 @@ def base_model_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
 
 def evaluate(model: TAP, params: PyTree, setup_or_data: Any, *, mesh: Any = None,
              local_batch: Optional[int] = None, progress: bool = True, desc: str = "",
-             predictions: bool = False) -> dict:
+             predictions: bool = False, trim: Optional[bool] = None) -> dict:
   """Val metrics of a model (`training.evaluate`); `val_accuracy` is the primary one.
+
+  `trim` (default: the Setup's `config.trim`, False when given data only) reads the
+  split sorted by length and runs each global batch trimmed to bucketed lengths
+  (exact in eval mode: the same predictions and metrics as the padded run).
 
   Returns:
     `{"val_accuracy", "val_examples", "val_metrics": {name: value}}` and, with
@@ -129,14 +133,25 @@ def evaluate(model: TAP, params: PyTree, setup_or_data: Any, *, mesh: Any = None
   if isinstance(setup_or_data, Setup):
     s = setup_or_data
     data, mesh, local_batch, progress = s.data, s.mesh, s.eval_local, s.progress
+    trim = bool(s.config.trim) if trim is None else trim
   else:
     data = setup_or_data
+  trim = bool(trim)
   n = len(open_source(data.built_dir, "val"))
+  indices = None
+  if trim:
+    order = parallel.length_order(
+        parallel.shard_lengths(data.built_dir, "val", model.config), model.config,
+        num_records=n, local_batch=local_batch, mesh=mesh)
+    indices = order.indices
   batches = make_loader(data.built_dir, "val", local_batch, shuffle=False,
-                        drop_remainder=False)
+                        drop_remainder=False, indices=indices)
+  if trim:
+    batches = parallel.with_positions(batches, order.positions)
   result = evaluation.evaluate(
-      make_predict(model, mesh, data.vocab.bos_idx), parallel.replicate(params, mesh),
-      batches, data.vocab, mesh, dataset=data.layout.dataset, local_batch=local_batch,
+      evaluation.greedy_predictor(model.config, mesh, data.vocab.bos_idx, trim=trim),
+      parallel.replicate(params, mesh), batches, data.vocab, mesh,
+      dataset=data.layout.dataset, local_batch=local_batch,
       num_batches=parallel.num_global_batches(n, local_batch), desc=desc,
       progress=progress, predictions=predictions)
   out = {"val_accuracy": result["accuracy"], "val_examples": result["num_examples"],
@@ -161,15 +176,43 @@ def evaluate_stage(s: Setup, model: TAP, params: PyTree, path: str, *, stage: st
 
 def batches(s: Setup, *, indices: Optional[np.ndarray], local_batch: int,
             fields: Sequence[str] = MODEL_INPUTS, desc: str = "",
-            progress: Optional[bool] = None) -> Iterator[dict]:
-  """Global batches of train examples (all, or `indices`), padded in lockstep."""
+            progress: Optional[bool] = None, trim: bool = False, sort: bool = False
+            ) -> Iterator[Any]:
+  """Global batches of train examples (all, or `indices`), padded in lockstep.
+
+  Args:
+    s: the setup (data, mesh, base config).
+    indices: train records to read (None: all), in this order unless `sort`.
+    local_batch: rows per process per step.
+    fields: the numeric fields to keep.
+    desc, progress: a progress bar (default `s.progress`).
+    trim: yield `(global batch, trimmed config, TrimInfo)` triples
+      (`parallel.trimmed_global_batches`, for eval-mode stages only).
+    sort: read this process's shard sorted by length (`parallel.length_order`, one
+      extra pass over the shard for the lengths); the rows carry `parallel.POSITION`,
+      their index in the unsorted run, so results can be put back in that order. Only
+      for stages whose per-example results do not depend on the batch composition.
+  """
   n = s.num_train if indices is None else len(indices)
-  loader = make_loader(s.data.built_dir, "train", local_batch, shuffle=False,
-                       drop_remainder=False, indices=indices)
-  return parallel.global_batches(
-      loader, local_batch=local_batch, num_batches=parallel.num_global_batches(
-          n, local_batch), mesh=s.mesh, fields=tuple(fields), desc=desc,
+  if sort:
+    lengths = parallel.shard_lengths(s.data.built_dir, "train", s.base_config,
+                                     indices=indices)
+    order = parallel.length_order(lengths, s.base_config, num_records=n,
+                                  local_batch=local_batch, mesh=s.mesh, indices=indices)
+    loader = parallel.with_positions(
+        make_loader(s.data.built_dir, "train", local_batch, shuffle=False,
+                    drop_remainder=False, indices=order.indices), order.positions)
+    fields = tuple(fields) + (parallel.POSITION,)
+  else:
+    loader = make_loader(s.data.built_dir, "train", local_batch, shuffle=False,
+                         drop_remainder=False, indices=indices)
+  kw = dict(local_batch=local_batch, num_batches=parallel.num_global_batches(
+      n, local_batch), mesh=s.mesh, fields=tuple(fields), desc=desc,
       progress=s.progress if progress is None else progress)
+  if trim:
+    return parallel.trimmed_global_batches(loader, trim=parallel.Trim(s.base_config),
+                                           **kw)
+  return parallel.global_batches(loader, **kw)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -240,31 +283,53 @@ def tstar_stage(s: Setup) -> tuple[int, float]:
   def compute():
     if p.t_star >= 0:
       return {"t_star": int(p.t_star), "given": True}
+    # Trimming is exact in eval mode; sorting regroups the samples, which upstream's
+    # whole-batch search would notice.
+    trim = bool(s.config.trim)
     return tstar.compute_tstar(
         s.model, s.rep_params, batches(s, indices=s.samples, local_batch=s.score_local,
-                                       desc="t*"),
-        mesh=s.mesh, bos_index=s.data.vocab.bos_idx, batch_search=p.tstar_batch_search)
+                                       desc="t*", trim=trim,
+                                       sort=trim and not p.tstar_batch_search),
+        mesh=s.mesh, bos_index=s.data.vocab.bos_idx, batch_search=p.tstar_batch_search,
+        trimmed=trim)
   found, seconds = stages.cached(s.path("tstar.json"), compute,
                                  depends_on=s.depends_on("t*"))
   return int(found["t_star"]), seconds
 
 
 def predict_train(s: Setup) -> pseudo_labels.PseudoLabels:
-  """The unpruned model's greedy answer indices on the whole train split."""
-  model, bos = s.model, s.data.vocab.bos_idx
+  """The unpruned model's greedy answer indices on the whole train split.
 
-  def fn(params, batch):
-    scores, _ = greedy_decode(model, {"params": params}, batch, bos_index=bos)
-    return jnp.argmax(scores, -1).astype(jnp.int32), batch["weight"], batch["question_id"]
-  step = jax.jit(fn, in_shardings=(parallel.replicated(s.mesh),
-                                   parallel.data_sharded(s.mesh)),
-                 out_shardings=parallel.replicated(s.mesh))
-  qids, rows = [], []
-  for batch in batches(s, indices=None, local_batch=s.eval_local, desc="pseudo-labels"):
-    idx, w, q = (np.asarray(x) for x in step(s.rep_params, batch))
+  With `config.trim`, the train split is read sorted by length and each global batch
+  trimmed (exact: eval mode, one program per trimmed shape); the labels come back in
+  the unsorted run's order.
+  """
+  trim = bool(s.config.trim)
+  bos, extra = s.data.vocab.bos_idx, ("weight", "question_id", parallel.POSITION)
+
+  def fn(config, batch, params):
+    inputs = {k: v for k, v in batch.items() if k not in extra}
+    scores, _ = greedy_decode(TAP(config), {"params": params}, inputs, bos_index=bos)
+    pos = batch.get(parallel.POSITION, batch["question_id"])
+    return (jnp.argmax(scores, -1).astype(jnp.int32), batch["weight"],
+            batch["question_id"], pos)
+  run = trimming.TrimmedFn(fn, s.base_config,
+                           in_shardings=(parallel.data_sharded(s.mesh),
+                                         parallel.replicated(s.mesh)),
+                           out_shardings=parallel.replicated(s.mesh))
+  qids, rows, positions = [], [], []
+  for item in batches(s, indices=None, local_batch=s.eval_local, desc="pseudo-labels",
+                      trim=trim, sort=trim):
+    batch, config = item[:2] if trim else (item, s.base_config)
+    idx, w, q, p = (np.asarray(x) for x in run.specialised(config)(batch, s.rep_params))
     rows.append(idx[w > 0])
     qids.extend(q[w > 0].tolist())
-  return pseudo_labels.PseudoLabels(np.asarray(qids, np.int64), np.concatenate(rows))
+    positions.extend(p[w > 0].tolist())
+  qids, rows = np.asarray(qids, np.int64), np.concatenate(rows)
+  if trim:
+    order = parallel.data_order(positions)
+    qids, rows = qids[order], rows[order]
+  return pseudo_labels.PseudoLabels(qids, rows)
 
 
 def labels_stage(s: Setup) -> tuple[pseudo_labels.PseudoLabels, float]:

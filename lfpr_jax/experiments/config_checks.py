@@ -169,6 +169,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       isinstance(b, int) and b >= 1 for b in v),
           "two batch sizes >= 1 (latency, throughput)")
   c.int_at_least("speed.repeats", 1)
+  c.boolean("trim")
   _check_prune_rest(c)
   if c.get("sweep") is not None:
     _check_sweep(c)

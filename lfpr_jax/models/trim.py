@@ -287,12 +287,19 @@ def trim_batch(batch: Mapping[str, Any], config: TapConfig, *,
   return out, tc, info
 
 
-def restore_scores(scores: Array, config: TapConfig, info: TrimInfo) -> Array:
+def restore_scores(scores: Array, config: TapConfig, info: TrimInfo | TapConfig
+                   ) -> Array:
   """Pads trimmed scores `[..., V_a + n_c]` back to `[..., V_a + ocr_max]`.
 
   The restored OCR-copy columns hold `MASK_VALUE` (-10000); the padded model gives
   -10000 + x there, which no argmax picks and the M4C loss ignores (docstring above).
   numpy in, numpy out; jax in (also under jit), jax out.
+
+  Args:
+    scores: `[..., V_a + n_c]` scores of the trimmed model.
+    config: the full-size config.
+    info: the batch's `TrimInfo`, or the trimmed config (inside a function
+      specialised to it, e.g. by `TrimmedFn`); only its `ocr_max` (n_c) is read.
   """
   c = config
   if scores.shape[-1] != c.num_answers + info.ocr_max:

@@ -4,7 +4,15 @@ TextVQA (and the synthetic benchmark, which has TextVQA's 10 answers per questio
 report the EvalAI-normalised 10-choose-9 accuracy; ST-VQA reports its accuracy (exact
 match after normalisation) and ANLS (docs/TAP.md §9). The metric is chosen from the
 dataset name (`config.data.dataset`), never from the data.
+
+Greedy prediction is order-free and runs in eval mode, so it may use exact
+variable-length execution (`greedy_predictor(trim=True)`: each global batch is cut to
+bucketed lengths on the host, `parallel.trimmed_global_batches`, and run by one jitted
+program per trimmed shape) and read its examples sorted by length
+(`parallel.length_order`, `parallel.with_positions`): `evaluate` and `answers` return
+their results in the unsorted order whenever the batches carry `parallel.POSITION`.
 """
+
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -19,8 +28,14 @@ from jax.sharding import Mesh
 from lfpr_jax.data import metrics
 from lfpr_jax.data.answers import decode_answers
 from lfpr_jax.data.pipeline import decode_strings
+
+from lfpr_jax.models import trim as trimming
 from lfpr_jax.models.batch import MODEL_INPUTS
+from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import parallel
+from lfpr_jax.training.step import make_predict
 
 PyTree = Any
 Metric = Callable[[str, Sequence[str]], float]
@@ -51,13 +66,49 @@ def score_answers(dataset: str, predictions: Sequence[str],
           for name, fn in metrics_of(dataset)}
 
 
-def answer_batches(predict: Callable[..., jax.Array], params: PyTree,
+def greedy_predictor(config: TapConfig, mesh: Mesh, bos_index: int, *, trim: bool,
+                     buckets: Sequence[int] = trimming.DEFAULT_BUCKETS
+                     ) -> Callable[..., jax.Array] | trimming.TrimmedFn:
+  """The `predict` of `answer_batches` / `evaluate`: greedy argmax indices `[B, T]`.
+
+  Args:
+    config: the (full-size) model config.
+    mesh: the `data` mesh (batch sharded on it, params and output replicated).
+    bos_index: the decoder's BOS index.
+    trim: exact variable-length execution: a `trim.TrimmedFn` over
+      `(trimmed config, global batch, params)`, one jitted program per trimmed shape,
+      which `answer_batches` feeds with `parallel.trimmed_global_batches`. The
+      indices need no restoring: OCR slot j keeps index V_a + j. Off: the padded
+      `step.make_predict`.
+    buckets: as in `trim.trim_batch`.
+  """
+  if not trim:
+    return make_predict(TAP(config), mesh, bos_index)
+
+  def predict(c: TapConfig, batch: Mapping[str, jax.Array], params: PyTree):
+    scores, _ = greedy_decode(TAP(c), {"params": params}, batch, bos_index=bos_index)
+    return jnp.argmax(scores, axis=-1)
+  return trimming.TrimmedFn(
+      predict, config, buckets=buckets,
+      in_shardings=(parallel.data_sharded(mesh), parallel.replicated(mesh)),
+      out_shardings=parallel.replicated(mesh))
+
+
+def answer_batches(predict: Callable[..., jax.Array] | trimming.TrimmedFn,
+                   params: PyTree,
                    batches: Iterator[Mapping[str, Any]], vocab: Any, mesh: Mesh, *,
                    local_batch: int, num_batches: int,
                    transform: Callable[[Mapping], Mapping] | None = None,
                    desc: str = "", progress: bool = False
                    ) -> Iterator[tuple[Mapping[str, Any], list[str]]]:
   """This process's batches with their greedy answers (the one prediction loop).
+
+  Args:
+    predict: `greedy_predictor(...)`: a jitted (params, global batch) -> argmax
+      indices `[B, T]`, or a `trim.TrimmedFn` (each global batch is then trimmed on
+      the host before sharding and run by the program of its trimmed shape).
+    params, batches, vocab, mesh, local_batch, num_batches, transform, desc,
+      progress: as in `evaluate`.
 
   Yields:
     `(batch, answers)`: the batch as the loader gave it (strings included) and one
@@ -71,11 +122,18 @@ def answer_batches(predict: Callable[..., jax.Array], params: PyTree,
       yield transform(batch) if transform is not None else batch
 
   rows = parallel.process_rows(local_batch * jax.process_count(), mesh)
-  for gbatch in parallel.global_batches(tap(iter(batches)), local_batch=local_batch,
-                                        num_batches=num_batches, mesh=mesh,
-                                        fields=MODEL_INPUTS, desc=desc,
-                                        progress=progress):
-    idx = np.asarray(predict(params, gbatch))
+  kw = dict(local_batch=local_batch, num_batches=num_batches, mesh=mesh,
+            fields=MODEL_INPUTS, desc=desc, progress=progress)
+  if isinstance(predict, trimming.TrimmedFn):
+    trim = parallel.Trim(predict.config, predict.buckets, predict.global_lengths)
+    runs = ((lambda g=g, tc=tc: predict.specialised(tc)(g, params))
+            for g, tc, _ in parallel.trimmed_global_batches(tap(iter(batches)),
+                                                            trim=trim, **kw))
+  else:
+    runs = ((lambda g=g: predict(params, g))
+            for g in parallel.global_batches(tap(iter(batches)), **kw))
+  for run in runs:
+    idx = np.asarray(run())
     if not raw:  # an all-padding batch of a process whose shard has ended
       continue
     batch = raw.pop()
@@ -83,6 +141,31 @@ def answer_batches(predict: Callable[..., jax.Array], params: PyTree,
     tokens = [decode_strings(t) for t in batch["context_tokens"]]
     yield batch, [a for a, _ in decode_answers(idx[rows.start:rows.start + n], vocab,
                                                tokens)]
+
+
+def _positions(batch: Mapping[str, Any]) -> list[int]:
+  """The batch's `parallel.POSITION` values ([] without them)."""
+  if parallel.POSITION not in batch:
+    return []
+  return [int(p) for p in batch[parallel.POSITION]]
+
+
+def answers(predict: Callable[..., jax.Array] | trimming.TrimmedFn, params: PyTree,
+            batches: Iterator[Mapping[str, Any]], vocab: Any, mesh: Mesh, *,
+            local_batch: int, num_batches: int, desc: str = "", progress: bool = False
+            ) -> list[dict[str, Any]]:
+  """This process's `[{question_id, answer}]` (greedy), in the unsorted order when the
+  batches carry `parallel.POSITION`; arguments as in `evaluate`."""
+  rows, positions = [], []
+  for batch, words in answer_batches(predict, params, batches, vocab, mesh,
+                                     local_batch=local_batch, num_batches=num_batches,
+                                     desc=desc, progress=progress):
+    rows += [{"question_id": int(q), "answer": w}
+             for q, w in zip(batch["question_id"], words)]
+    positions += _positions(batch)
+  if len(positions) == len(rows):
+    rows = [rows[i] for i in parallel.data_order(positions)]
+  return rows
 
 
 def evaluate(predict: Callable[..., jax.Array], params: PyTree,
@@ -94,8 +177,8 @@ def evaluate(predict: Callable[..., jax.Array], params: PyTree,
   """The dataset's metrics of greedy predictions, over every process's examples.
 
   Args:
-    predict: `step.make_predict(...)`: (params, global batch) -> argmax indices
-      `[B, T]`, replicated.
+    predict: `greedy_predictor(...)` (or `step.make_predict(...)`): (params, global
+      batch) -> argmax indices `[B, T]`, replicated; or a `trim.TrimmedFn`.
     params: model parameters (replicated).
     batches: this process's batches: the model inputs plus `question_id`,
       `context_tokens` `[b, ocr_max]` and `answers` `[b, A]` (UTF-8 bytes).
@@ -106,7 +189,8 @@ def evaluate(predict: Callable[..., jax.Array], params: PyTree,
     num_batches: global batches, the same on every process
       (`parallel.num_global_batches`); fewer than the data holds evaluates a prefix.
     transform: applied to each batch before prediction (e.g. an input ablation).
-    predictions: also return this process's `[{question_id, answer}]`.
+    predictions: also return this process's `[{question_id, answer}]` (in the
+      unsorted order when the batches carry `parallel.POSITION`).
     desc, progress: a progress bar on process 0.
 
   Returns:
@@ -115,7 +199,7 @@ def evaluate(predict: Callable[..., jax.Array], params: PyTree,
   """
   names = [name for name, _ in metrics_of(dataset)]
   scores: dict[str, list[float]] = {name: [] for name in names}
-  preds = []
+  preds, positions = [], []
   for batch, words in answer_batches(predict, params, batches, vocab, mesh,
                                      local_batch=local_batch, num_batches=num_batches,
                                      transform=transform, desc=desc,
@@ -126,6 +210,11 @@ def evaluate(predict: Callable[..., jax.Array], params: PyTree,
     if predictions:
       preds += [{"question_id": int(q), "answer": w}
                 for q, w in zip(batch["question_id"], words)]
+    positions += _positions(batch)
+  if len(positions) == len(scores[names[0]]):  # length-sorted batches: unsort
+    order = parallel.data_order(positions)
+    scores = {name: [v[i] for i in order] for name, v in scores.items()}
+    preds = [preds[i] for i in order] if predictions else preds
   # Summed once at the end (numpy's pairwise sum), as the single-metric code did.
   sums = np.array([float(np.sum(scores[name])) for name in names]
                   + [float(len(scores[names[0]]))])

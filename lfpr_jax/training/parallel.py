@@ -4,22 +4,35 @@
 sees the global batch as one array sharded along `data`; XLA inserts the gradient
 all-reduce. On several hosts every process feeds its own shard of the batch
 (`global_batch`), after `jax.distributed.initialize()` in `main.py`.
-`global_batches` owns the padding and multi-host lockstep rule every data loop shares.
+`global_batches` owns the padding and multi-host lockstep rule every data loop shares;
+`trimmed_global_batches` adds exact variable-length execution (`lfpr_jax.models.trim`)
+on the host arrays before they are sharded, and `length_order` / `with_positions` /
+`data_order` let order-free stages read examples sorted by length and still return
+their results in the order of the unsorted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, Mapping, Optional, Sequence
 
+import grain
 import jax
 import numpy as np
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lfpr_jax.data import pipeline
+from lfpr_jax.models import trim as trimming
+from lfpr_jax.models.config import TapConfig
+
 PyTree = Any
 DATA_AXIS = "data"
+# Per-row field added by `with_positions`: the row's index in the unsorted run's
+# stream of global batches (see `length_order`).
+POSITION = "stream_position"
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -152,6 +165,16 @@ def global_batches(loader: Iterator[Mapping[str, Any]], *, local_batch: int,
   Raises:
     ValueError: the loader is empty and `fill` is None.
   """
+  for local in _local_batches(loader, local_batch=local_batch, num_batches=num_batches,
+                              fields=fields, desc=desc, progress=progress, fill=fill):
+    yield global_batch(local, mesh)
+
+
+def _local_batches(loader: Iterator[Mapping[str, Any]], *, local_batch: int,
+                   num_batches: int, fields: Sequence[str], desc: str, progress: bool,
+                   fill: Optional[Callable[[], Mapping[str, Any]]]
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """`global_batches`' host side: the padded local numpy batches, before sharding."""
   last = None
   bar = tqdm.tqdm(total=num_batches, desc=desc,
                   disable=not (progress and jax.process_index() == 0))
@@ -178,6 +201,155 @@ def global_batches(loader: Iterator[Mapping[str, Any]], *, local_batch: int,
         local["train_loss_mask"] = mask
       local.update(weight=weight, question_id=qid)
       bar.update(1)
-      yield global_batch(local, mesh)
+      yield local
   finally:
     bar.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Trim:
+  """How `trimmed_global_batches` cuts padding (`lfpr_jax.models.trim`).
+
+  Attributes:
+    config: the full-size model config the batches are built for.
+    buckets: allowed segment sizes below the full ones (`trim.bucket_size`).
+    global_lengths: maps this process's per-segment maxima `[5]` to the maxima over
+      all processes (default `trim.default_global_lengths`: an all-gather on several
+      processes, so every process trims to the same shapes).
+  """
+  config: TapConfig
+  buckets: tuple[int, ...] = trimming.DEFAULT_BUCKETS
+  global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None
+
+
+def trimmed_global_batches(loader: Iterator[Mapping[str, Any]], *, trim: Trim,
+                           local_batch: int, num_batches: int, mesh: Mesh,
+                           fields: Sequence[str], desc: str = "", progress: bool = True,
+                           fill: Optional[Callable[[], Mapping[str, Any]]] = None
+                           ) -> Iterator[tuple[dict[str, jax.Array], TapConfig,
+                                               trimming.TrimInfo]]:
+  """`global_batches`, each cut to bucketed lengths on the host before sharding.
+
+  Same padding and lockstep rule, same `fields` / `weight` / `question_id` (padding
+  rows repeat the last row, so they never lengthen a segment). Every process trims
+  its padded local batch with the global per-segment maxima (`trim.global_lengths`,
+  one small all-gather per batch on several processes), so all processes assemble
+  global arrays of one shape. `text_position_ids` (`[n]` in `trim.trim_batch`'s
+  output) is broadcast to `[local_batch, n]` so that it is sharded on `data` like
+  every other field (TAP accepts both forms).
+
+  Yields:
+    `(global batch, trimmed config, TrimInfo)`: run the batch with
+    `TAP(trimmed config)` and the unchanged params; `trim.restore_scores(scores,
+    trim.config, info)` gives the padded score layout back.
+  """
+  for local in _local_batches(loader, local_batch=local_batch, num_batches=num_batches,
+                              fields=fields, desc=desc, progress=progress, fill=fill):
+    cut, tc, info = trimming.trim_batch(local, trim.config, buckets=trim.buckets,
+                                        global_lengths=trim.global_lengths)
+    cut["text_position_ids"] = np.broadcast_to(
+        cut["text_position_ids"][None], (local_batch, len(info.text_columns))).copy()
+    yield global_batch(cut, mesh), tc, info
+
+
+def shard_lengths(source: Any, split: str, config: TapConfig, *,
+                  indices: Optional[Sequence[int]] = None, batch_size: int = 256
+                  ) -> np.ndarray:
+  """Valid segment lengths `[n_local, 5]` (`trim.example_lengths`) of this process's
+  shard of a split (or of `indices`), in the order `make_loader(shuffle=False,
+  drop_remainder=False)` reads it.
+
+  One pass over the shard through the ordinary loader (it reads every field of a
+  record; the model pass that follows reads them again and costs far more).
+  """
+  loader = pipeline.make_loader(source, split, batch_size, shuffle=False,
+                                drop_remainder=False, indices=indices)
+  parts = [trimming.example_lengths(b, config) for b in loader]
+  return (np.concatenate(parts) if parts
+          else np.zeros((0, len(trimming.SEGMENTS)), np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthOrder:
+  """This process's examples sorted by length (`length_order`).
+
+  Attributes:
+    indices: `[N]` record indices for `make_loader(indices=...)`: the unsorted
+      indices with this process's shard sorted by length (other processes' shards are
+      theirs to sort; sharding only reads this process's part).
+    positions: `[n_local]` int32: for the k-th example this process reads, its index
+      in the unsorted run's stream of global batches (batch after batch, the rows of
+      `local_batch * process_count`, `process_rows` giving each process's block).
+      Sorting any per-example results by it restores the unsorted run's order.
+  """
+  indices: np.ndarray
+  positions: np.ndarray
+
+
+def length_order(lengths: np.ndarray, config: TapConfig, *, num_records: int,
+                 local_batch: int, mesh: Mesh, indices: Optional[Sequence[int]] = None,
+                 buckets: Sequence[int] = trimming.DEFAULT_BUCKETS) -> LengthOrder:
+  """Sorts this process's shard so that batches hold examples of similar length.
+
+  For stages whose per-example results do not depend on which examples share a
+  batch (greedy evaluation, pseudo-labels, t* without upstream's whole-batch search).
+  The sort key is each example's bucketed segment sizes, OCR slots first, then OCR
+  words, objects, object names and question (`trim.sort_by_length`, stable): examples
+  of one trimmed shape become neighbours, the costliest segments most of all.
+  Sorting stays inside each process's shard (`pipeline.shard_bounds`), so every
+  process reads the same examples as unsorted.
+
+  Args:
+    lengths: `[n_local, 5]` this process's `shard_lengths`, in unsorted order.
+    config: the full-size model config.
+    num_records: N, the records the loader shards (the split, or `len(indices)`).
+    local_batch: rows per process per step.
+    mesh: the `data` mesh.
+    indices: the unsorted record indices (default `arange(num_records)`).
+    buckets: as in `trim.trim_batch`.
+
+  Raises:
+    ValueError: `lengths` does not cover this process's shard.
+  """
+  base = (np.arange(num_records, dtype=np.int64) if indices is None
+          else np.asarray(indices, np.int64).reshape(-1))
+  if len(base) != num_records:
+    raise ValueError(f"{len(base)} indices for num_records={num_records}.")
+  start, end = pipeline.shard_bounds(num_records, grain.sharding.ShardOptions(
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      drop_remainder=False))
+  lengths = np.asarray(lengths)
+  if lengths.shape != (end - start, len(trimming.SEGMENTS)):
+    raise ValueError(f"lengths must be [{end - start}, {len(trimming.SEGMENTS)}] (this "
+                     f"process's shard [{start}, {end}) of {num_records}), got "
+                     f"{lengths.shape}.")
+  full = trimming.segment_sizes(config)
+  sizes = np.array([[trimming.bucket_size(int(n), f, buckets) for n, f in zip(row, full)]
+                    for row in lengths], np.int64).reshape(-1, len(full))
+  order, _ = trimming.sort_by_length(np.arange(end - start), sizes[:, [4, 1, 3, 2, 0]])
+  out = base.copy()
+  out[start:end] = base[start:end][order]
+  rows = process_rows(local_batch * jax.process_count(), mesh)
+  global_rows = local_batch * jax.process_count()
+  stream = (order // local_batch) * global_rows + rows.start + order % local_batch
+  return LengthOrder(indices=out, positions=stream.astype(np.int32))
+
+
+def with_positions(loader: Iterator[Mapping[str, Any]], positions: np.ndarray
+                   ) -> Iterator[dict[str, Any]]:
+  """The loader's batches with `POSITION` `[b]` (consecutive slices of `positions`);
+  add `POSITION` to `fields` so that it travels with the global batch."""
+  k = 0
+  for batch in loader:
+    n = len(batch["question_id"])
+    if k + n > len(positions):
+      raise ValueError(f"the loader gave more than the {len(positions)} examples of "
+                       "its positions.")
+    yield dict(batch, **{POSITION: np.asarray(positions[k:k + n], np.int32)})
+    k += n
+
+
+def data_order(positions: Sequence[int]) -> np.ndarray:
+  """The permutation putting results gathered in sorted order back in the unsorted
+  run's order: `results[data_order(positions)]`."""
+  return np.argsort(np.asarray(positions), kind="stable")

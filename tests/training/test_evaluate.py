@@ -80,3 +80,54 @@ def test_prefix_and_unknown_dataset():
     _evaluate("vqa2")
   with pytest.raises(ValueError, match="2 predictions for 1 questions"):
     evaluation.score_answers("stvqa", ["a", "b"], [["a"]])
+
+
+def _mixed_batches(lengths_per_batch, seed=0):
+  """TINY batches whose examples have the given (question, OCR words, object names,
+  objects, OCR slots) valid lengths, with question ids, OCR tokens and answers."""
+  qid = 0
+  for k, lengths in enumerate(lengths_per_batch):
+    lengths = np.asarray(lengths)
+    batch = {f: np.array(v)
+             for f, v in model_batch(TINY, len(lengths), seed=seed + k).items()}
+    starts = (0, TINY.question_len, TINY.question_len + TINY.ocr_text_len)
+    fulls = (TINY.question_len, TINY.ocr_text_len, TINY.obj_text_len)
+    for i, row in enumerate(lengths):
+      for start, full, n in zip(starts, fulls, row[:3]):
+        batch["cmb_text"][i, start + n:start + full] = 0
+    batch["obj_num"], batch["ocr_num"] = lengths[:, 3], lengths[:, 4]
+    batch["question_id"] = np.arange(qid, qid + len(lengths))
+    qid += len(lengths)
+    batch["context_tokens"] = np.array(
+        [[f"w{j}".encode() for j in range(TINY.ocr_max)]] * len(lengths), dtype=object)
+    batch["answers"] = np.array([[b"w1"] * 10] * len(lengths), dtype=object)
+    yield batch
+
+
+def test_trimmed_greedy_evaluation_equals_padded_on_mixed_lengths():
+  """Extremes in one batch, short batches, an all-padding step, 2 devices."""
+  from lfpr_jax.models import trim  # noqa: PLC0415
+  from tests.helpers import random_params  # noqa: PLC0415
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  params = parallel.replicate(random_params(TINY, seed=3, scale=0.4), mesh)
+  cases = [[(4, 4, 4, 5, 6), (1, 1, 1, 0, 0), (2, 3, 1, 2, 3), (4, 0, 2, 5, 1)],
+           [(2, 1, 1, 1, 2), (1, 2, 2, 0, 1), (2, 2, 1, 2, 2), (1, 1, 1, 1, 1)],
+           [(3, 2, 4, 5, 0), (2, 2, 2, 3, 0)]]
+  vocab = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>"]
+                                 + [f"a{i}" for i in range(TINY.num_answers - 4)])
+  run = evaluation.greedy_predictor(TINY, mesh, 1, trim=True, buckets=(1, 2))
+  out = {}
+  for name, predict in (("padded", evaluation.greedy_predictor(TINY, mesh, 1,
+                                                                trim=False)),
+                        ("trimmed", run)):
+    out[name] = evaluation.evaluate(predict, params, _mixed_batches(cases), vocab, mesh,
+                                    dataset="textvqa", local_batch=4, num_batches=4,
+                                    predictions=True)
+  assert out["trimmed"] == out["padded"]
+  assert out["padded"]["num_examples"] == 10
+  answers = [p["answer"] for p in out["padded"]["predictions"]]
+  assert len(set(answers)) > 2, answers
+  # Batches 1 and 3 are cut in every segment; batch 0 is full; the last step repeats
+  # batch 3's shape.
+  assert run.num_specialisations == 3
+  assert trim.trimmed_config(TINY, (4, 4, 4, 5, 6)) in run._compiled
