@@ -12,7 +12,6 @@ from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.params import abstract_params
 from lfpr_jax.models.tap import MASK_VALUE, TAP
-from tests import golden as golden_files
 from tests.helpers import BASE, random_batch, random_params
 
 # BASE: question 8, OCR words 12, object names 10, 10 objects, 12 OCR slots.
