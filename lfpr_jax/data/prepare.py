@@ -82,9 +82,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
   else:
     if not d.root:
       raise ValueError(
-          f"config.data.root is not set: pass --config.data.root=<the TAP data release "
-          f"root> (holds imdb/, feat_resx/, ocr_feat_resx/, m4c_vocabs/, 1600-400-20/ "
-          f"for TextVQA and ST-VQA), or run the synthetic benchmark instead: python -m "
+          "config.data.root is not set: pass --config.data.root=<the TAP data release "
+          "root> (holds imdb/, feat_resx/, ocr_feat_resx/, m4c_vocabs/, 1600-400-20/ "
+          "for TextVQA and ST-VQA), or run the synthetic benchmark instead: python -m "
           "lfpr_jax.main --config=configs/synthetic.py --workdir=/tmp/lfpr_synthetic")
     root = d.root
     readers.require_dir(root, (
