@@ -138,6 +138,11 @@ class TapTextVqa(tfds.core.GeneratorBasedBuilder):
   split is built, fingerprinted and reused on its own.
   """
 
+  def _log_download_bytes(self) -> None:
+    # TFDS prints "Downloading and preparing dataset Unknown size ..."; nothing is
+    # downloaded here and the size is not known in advance: our own bar shows progress.
+    logging.info("building %s", self.data_dir)
+
   def _log_download_done(self) -> None:
     # TFDS prints "downloaded and prepared" in bold; nothing was downloaded here.
     logging.info("built %s", self.data_dir)

@@ -45,6 +45,7 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
                                   err_msg=k)
   assert "speed-up" in out.stdout and "val TextVQA acc unpruned" in out.stdout
   assert "downloaded and prepared" not in out.stdout + out.stderr
+  assert "Unknown size" not in out.stdout + out.stderr
   assert "Using custom data configuration" not in out.stderr
   preds = json.loads((tmp_path / "lfpr" / "sum_0.4" / "eval_rest_predictions.json")
                      .read_text())
