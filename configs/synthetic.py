@@ -3,8 +3,8 @@ r"""The embedded synthetic Text-VQA benchmark with a reduced TAP (1.17M paramete
     python -m lfpr_jax.main --config=configs/synthetic.py --workdir=/tmp/lfpr_synthetic
 
 Generates the dataset, trains the base model for 2,750 steps, prunes 60% of the MMT
-with LFPR and retrains with ReSt. Expected: base model ~77% val accuracy, ~97%
-retained at c = 0.4; about 10 minutes on 2 CPU cores. `:tiny` is the 1-minute CI
+with LFPR and retrains with ReSt. Expected: base model ~77% val accuracy, 97-100%
+retained at c = 0.4; 10-13 minutes on 2 CPU cores. `:tiny` is the 1-minute CI
 smoke variant. Run history and per-type figures: results/synthetic/HISTORY.md.
 """
 
