@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               trainable=((".*", "base"),))),
   ))
   if arg == "tiny":
-    config.sweep.update(criteria=("lfpr", "lfpr_ps", "l1", "fisher"),
+    config.sweep.update(criteria=("lfpr", "fisher"),
                         constraints=(0.4,), kwon_tune_samples=32, seeds=1,
                         restorations=ALL_RESTORATIONS)
   elif arg == "full":

@@ -73,12 +73,12 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   # The comparison sweep reuses the workdir's data, base model, t* and pseudo-labels.
   sweep = _main(tmp_path, config="configs/sweep_synthetic.py:tiny")
   assert sweep.returncode == 0, sweep.stderr[-3000:]
-  for row in ("lfpr + rest", "fisher + kwon", "lfpr_ps + none", "lfpr_ps + finetune",
-              "lfpr + kwon_lf", "l1 + kwon_lf"):
+  for row in ("lfpr + rest", "fisher + kwon", "lfpr + none", "lfpr + finetune",
+              "lfpr + kwon_lf"):
     assert f"| {row} | params | 0.4 |" in sweep.stdout, row
   assert "fisher + kwon_lf" not in sweep.stdout   # a labelled ranking is not label-free
   lines = (tmp_path / "sweep" / "results.csv").read_text().splitlines()
-  assert len(lines) == 1 + 19 and lines[0].startswith(
+  assert len(lines) == 1 + 9 and lines[0].startswith(
       "method,criterion,restoration,cost,constraint")
   cell = json.loads((tmp_path / "sweep" / "cells" / "lfpr-kwon_lf-params-0.4"
                      / "result.json").read_text())

@@ -32,7 +32,7 @@ def test_grid_and_bad_names():
   tiny = sweep.cells_of(get_config("tiny"))
   assert {c.restoration for c in tiny} == {"none", "rest", "finetune", "kwon",
                                            "kwon_lf"}
-  assert {c.criterion for c in tiny} >= {"lfpr", "lfpr_ps"} and len(tiny) == 19
+  assert {c.criterion for c in tiny} == {"lfpr", "fisher"} and len(tiny) == 9
   assert [c.cost for c in sweep.cells_of(get_config("flops"))] == ["flops"] * 40
   for key, value, match in (
       ("criteria", ("lfpr", "magnitude"), "sweep.criteria=.*expected a non-empty list "

@@ -21,10 +21,9 @@ CASES = {
     # Every extreme in one batch: full everything, nothing, and lengths in between.
     "mixed": [(8, 5, 10, 10, 12), (1, 1, 1, 0, 0), (5, 3, 7, 4, 6), (2, 0, 3, 10, 1),
               (8, 5, 0, 0, 12)],
-    # Everything short: every segment is actually cut.
-    "short": [(4, 3, 2, 3, 5), (2, 1, 1, 0, 0), (3, 2, 2, 1, 2)],
-    # No OCR token anywhere (the decoder never copies).
-    "no_ocr": [(5, 1, 6, 7, 0), (3, 1, 2, 10, 0)],
+    # Everything short, so every segment is actually cut, and no OCR token anywhere
+    # (the decoder never copies; the OCR segment shrinks to its smallest bucket).
+    "short_no_ocr": [(4, 3, 2, 3, 0), (2, 1, 1, 0, 0), (3, 2, 2, 1, 0)],
 }
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -101,8 +100,8 @@ def test_trimmed_equals_padded(case):
   assert info.sizes == tuple(trim.bucket_size(int(n), f, BUCKETS)
                              for n, f in zip(want, trim.segment_sizes(config)))
   assert tc.mmt_len == sum(info.sizes) + config.decode_steps
-  if case == "short":
-    assert info.sizes == (4, 4, 2, 4, 6) and tc.mmt_len <= config.mmt_len / 2
+  if case == "short_no_ocr":
+    assert info.sizes == (4, 4, 2, 4, 2) and tc.mmt_len <= config.mmt_len / 2
 
   full = _run_all(config, params, inputs)
   cut = _run_all(tc, params, trimmed)
@@ -146,7 +145,7 @@ def test_positions_and_token_types_are_the_padded_ones():
   original position ids their embeddings (and the scores) would change."""
   config = BASE
   params = random_params(config, seed=4)
-  inputs = make_batch(config, CASES["short"], seed=1)
+  inputs = make_batch(config, CASES["short_no_ocr"], seed=1)
   trimmed, tc, info = trim.trim_batch(inputs, config, buckets=BUCKETS)
   np.testing.assert_array_equal(
       trimmed["text_position_ids"],
@@ -219,7 +218,7 @@ def test_bad_inputs_raise():
 
 def test_global_lengths_hook_sets_the_shapes():
   """Another process's longer batch widens this process's shapes to match."""
-  inputs = make_batch(BASE, CASES["short"])
+  inputs = make_batch(BASE, CASES["short_no_ocr"])
   other = np.array([7, 2, 2, 2, 12])
   trimmed, tc, info = trim.trim_batch(inputs, BASE, buckets=BUCKETS,
                                       global_lengths=lambda n: np.maximum(n, other))
@@ -236,8 +235,8 @@ def test_trimmed_fn_compiles_once_per_shape():
     calls.append(config)  # runs at trace time only
     return TAP(config).apply({"params": p}, x)
   run = trim.TrimmedFn(scores, BASE, buckets=BUCKETS)
-  a = make_batch(BASE, CASES["short"], seed=1)
-  b = make_batch(BASE, [(3, 4, 1, 3, 6)], seed=2)  # same buckets, other batch size
+  a = make_batch(BASE, CASES["short_no_ocr"], seed=1)
+  b = make_batch(BASE, [(3, 4, 1, 3, 0)], seed=2)  # same buckets, other batch size
   c = make_batch(BASE, CASES["mixed"], seed=3)
   for x in (a, a, c):
     out, info = run(x, params)
