@@ -82,10 +82,12 @@ def rest_section(model: str, dataset: str, **overrides) -> ml_collections.Config
 
 
 MODEL_FIELDS = {
+    # Region feature widths of the release (Faster R-CNN fc6, 2048): settable for a
+    # release with other features (e.g. --config.model.obj_feat_dim=1024).
     "tap": dict(arch="tap", text_bert_layers=3, mmt_heads=(12,) * 4,
-                mmt_ffn=(3072,) * 4),
+                mmt_ffn=(3072,) * 4, obj_feat_dim=2048, ocr_feat_dim=2048),
     "tap12": dict(arch="tap12", text_bert_layers=0, mmt_heads=(12,) * 12,
-                  mmt_ffn=(3072,) * 12),
+                  mmt_ffn=(3072,) * 12, obj_feat_dim=2048, ocr_feat_dim=2048),
 }
 
 
