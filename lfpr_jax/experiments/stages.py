@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,6 @@ import jax
 import ml_collections
 
 from lfpr_jax import atomic
-from lfpr_jax.cache import file_sha256
 
 T = TypeVar("T")
 RECORD_FILE = "config.json"
@@ -66,6 +66,15 @@ def select_keys(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, A
 def _meta_path(path: str) -> str:
   stem = path[:-len(".json")] if path.endswith(".json") else os.path.splitext(path)[0]
   return stem + ".meta.json"
+
+
+def file_sha256(path: str) -> str:
+  """SHA-256 of a file's bytes (the checksum stored beside every stage output)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def load_json(path: str) -> Any:
