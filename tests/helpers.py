@@ -90,3 +90,22 @@ def labelled_batch(batch_size: int, seed: int) -> dict:
   out = {k: np.asarray(v) for k, v in model_inputs(raw, TINY, with_targets=True).items()}
   out["has_answers"] = np.ones(batch_size, bool)
   return out
+
+
+def setup_over(config, workdir: str, data, params, mesh, *, local: int,
+               samples: np.ndarray):
+  """An `experiments.common.Setup` over prepared data and given params (no stages run).
+
+  Built by hand so stage tests skip validation, the run record and the base model.
+  """
+  from lfpr_jax.data.pipeline import open_source  # noqa: PLC0415
+  from lfpr_jax.experiments import common  # noqa: PLC0415
+  from lfpr_jax.models.tap import TAP  # noqa: PLC0415
+  from lfpr_jax.training import parallel  # noqa: PLC0415
+  mc = data.model_config
+  return common.Setup(
+      config=config, workdir=workdir, stage_dir=workdir, stages=(), data=data,
+      base_config=mc, base_params=params, rep_params=parallel.replicate(params, mesh),
+      model=TAP(mc), mesh=mesh, eval_local=local, score_local=local,
+      num_train=len(open_source(data.built_dir, "train")), samples=samples,
+      base_eval={}, times={}, progress=False)

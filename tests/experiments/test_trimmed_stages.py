@@ -20,7 +20,7 @@ from lfpr_jax.models.tap import TAP
 from lfpr_jax.pruning import tstar
 from lfpr_jax.training import evaluate as evaluation
 from lfpr_jax.training import parallel
-from tests.helpers import random_params
+from tests.helpers import random_params, setup_over
 
 LOCAL = 8  # small batches: more batches, so more distinct trimmed shapes
 
@@ -35,14 +35,8 @@ def tiny(tmp_path_factory):
   # Larger than init_params' weights: varied greedy answers, OCR copies among them.
   params = jax.tree.map(np.asarray, random_params(mc, seed=0, scale=0.4))
   mesh = parallel.make_mesh(jax.devices()[:2])
-  num_train = 192
-  s = common.Setup(
-      config=config, workdir=workdir, stage_dir=workdir, stages=(), data=data,
-      base_config=mc, base_params=params, rep_params=parallel.replicate(params, mesh),
-      model=TAP(mc), mesh=mesh, eval_local=LOCAL, score_local=LOCAL,
-      num_train=num_train, samples=common.sample_set(num_train, 40, 0), base_eval={},
-      times={}, progress=False)
-  return s
+  return setup_over(config, workdir, data, params, mesh, local=LOCAL,
+                    samples=common.sample_set(192, 40, 0))
 
 
 def _with_trim(s, value):

@@ -25,7 +25,7 @@ from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings, make_loader
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
-from lfpr_jax.models.tap import TAP
+from tests.helpers import setup_over
 
 
 # ------------------------------------------------------------- schedules, subsets
@@ -82,12 +82,8 @@ def tiny(tmp_path_factory):
   mc = data.model_config
   params = init_params(mc, jax.random.key(0))
   mesh = parallel.make_mesh()
-  setup = common.Setup(
-      config=config, workdir=workdir, stage_dir=workdir, stages=(), data=data,
-      base_config=mc, base_params=params, rep_params=parallel.replicate(params, mesh),
-      model=TAP(mc), mesh=mesh, eval_local=16, score_local=16, num_train=192,
-      samples=np.arange(192), base_eval={}, times={}, progress=False)
-  labels = common.predict_train(setup)
+  labels = common.predict_train(setup_over(config, workdir, data, params, mesh,
+                                          local=16, samples=np.arange(192)))
   head = np.ones((mc.mmt_layers, mc.mmt_heads[0]), np.float32)
   ffn = np.ones((mc.mmt_layers, mc.mmt_ffn[0]), np.float32)
   head[0, 1] = 0
