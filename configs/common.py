@@ -81,6 +81,11 @@ def rest_section(model: str, dataset: str, **overrides) -> ml_collections.Config
   return section
 
 
+# Matmul precision of every stage after the base model (scoring, t*, pseudo-labels,
+# evaluation, ReSt, speed): "float32" (upstream numerics) or "bfloat16" (bfloat16
+# inputs, float32 accumulation; `TapConfig.compute_dtype`). Saved models are float32.
+COMPUTE_DTYPE = "float32"
+
 MODEL_FIELDS = {
     # Region feature widths of the release (Faster R-CNN fc6, 2048): settable for a
     # release with other features (e.g. --config.model.obj_feat_dim=1024).
@@ -134,5 +139,6 @@ def real_data_config(model: str, dataset: str, arg: str | None = None
   # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
   # stages: evaluation, pseudo-labels, t*; same results as the padded model.
   config.trim = True
+  config.compute_dtype = COMPUTE_DTYPE
   config.progress = True
   return config

@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
   # stages: evaluation, pseudo-labels, t*; same results as the padded model.
   config.trim = True
+  config.compute_dtype = common.COMPUTE_DTYPE
   config.progress = True
 
   if arg == "tiny":

@@ -44,14 +44,20 @@ DATA_COMPAT_FIELDS = ("num_answers", "ocr_max", "obj_max", "question_len", "text
                       "ocr_text_len", "decode_steps", "obj_feat_dim", "ocr_feat_dim")
 # What the shared stages write and which config keys they read (docs/LFPR.md §1).
 BASE_KEYS = ("seed", "data", "model", "optim", "train", "base_model")
+# `compute_dtype` (matmul precision, `TapConfig.compute_dtype`) is read by every stage
+# that runs the model after the base model; the base model itself always trains in
+# float32, so it and the data are kept when only the precision changes.
 SHARED_STAGES = (
     stages.Stage("base model", ("base_model", "base_model.json", "base_model_ckpt",
                                 "lfpr/data.json"), BASE_KEYS),
-    stages.Stage("unpruned evaluation", ("lfpr/base_eval.json",), (), ("base model",)),
+    stages.Stage("unpruned evaluation", ("lfpr/base_eval.json",), ("compute_dtype",),
+                 ("base model",)),
     stages.Stage("t*", ("lfpr/tstar.json",),
-                 ("prune.t_star", "prune.tstar_batch_search", "prune.num_samples",
-                  "prune.sample_seed", "prune.batch_size"), ("base model",)),
-    stages.Stage("pseudo-labels", ("lfpr/pseudo_labels.npz",), (), ("base model",)),
+                 ("compute_dtype", "prune.t_star", "prune.tstar_batch_search",
+                  "prune.num_samples", "prune.sample_seed", "prune.batch_size"),
+                 ("base model",)),
+    stages.Stage("pseudo-labels", ("lfpr/pseudo_labels.npz",), ("compute_dtype",),
+                 ("base model",)),
 )
 
 
@@ -63,7 +69,7 @@ class Setup:
   stage_dir: str
   stages: tuple[stages.Stage, ...]
   data: PreparedData
-  base_config: TapConfig
+  base_config: TapConfig  # the loaded base model's, with the run's compute_dtype
   base_params: PyTree
   rep_params: PyTree
   model: TAP
@@ -82,6 +88,21 @@ class Setup:
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.stage_dir, *parts)
+
+
+def with_compute_dtype(model_config: TapConfig, compute_dtype: str) -> TapConfig:
+  """`model_config` running its matmuls in `compute_dtype` (a new config)."""
+  return dataclasses.replace(model_config, compute_dtype=compute_dtype)
+
+
+def for_saving(model_config: TapConfig) -> TapConfig:
+  """The config written next to saved parameters: `compute_dtype` back to float32.
+
+  Parameters are float32 whatever the precision they were trained in; the precision
+  is a choice of whoever runs the model (`config.compute_dtype` of a later run), so
+  saved models always describe the float32 model.
+  """
+  return with_compute_dtype(model_config, "float32")
 
 
 def sample_set(num_train: int, num_samples: int, seed: int) -> np.ndarray:
@@ -257,6 +278,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   base_config, base_params = checkpointing.load_model(base_dir)
   check_compatible(base_config, data.model_config)
   config_checks.check_against_model(config, base_config)
+  # The run's matmul precision for every model built from here on (evaluation, t*,
+  # pseudo-labels, scoring, pruned models and ReSt all derive from base_config).
+  base_config = with_compute_dtype(base_config, config.compute_dtype)
   mesh = parallel.make_mesh()
   model = TAP(base_config)
   num_train = len(open_source(data.built_dir, "train"))

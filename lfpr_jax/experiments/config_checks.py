@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from lfpr_jax.experiments.stages import Checker
-from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.config import COMPUTE_DTYPES, TapConfig
 
 DATASETS = ("synthetic", "textvqa", "stvqa")
 SPLITS = ("train", "val", "test")
@@ -90,7 +90,12 @@ def _check_model(c: Checker) -> None:
     return
   fields = {f.name for f in dataclasses.fields(TapConfig)}
   for key in c.get("model").keys():
-    if key not in fields:
+    if key == "compute_dtype":
+      # One switch: the base model trains in float32, the later stages read the
+      # top-level key (a model.compute_dtype would also change the base model).
+      c.problems.append("model.compute_dtype: set the top-level compute_dtype "
+                        "instead (the precision of every stage after the base model)")
+    elif key not in fields:
       c.problems.append(f"model.{key}: not a TapConfig field (known: "
                         f"{', '.join(sorted(fields))})")
   heads, ffn = c.get("model.mmt_heads"), c.get("model.mmt_ffn")
@@ -170,6 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "two batch sizes >= 1 (latency, throughput)")
   c.int_at_least("speed.repeats", 1)
   c.boolean("trim")
+  c.one_of("compute_dtype", COMPUTE_DTYPES)
   _check_prune_rest(c)
   if c.get("sweep") is not None:
     _check_sweep(c)

@@ -55,7 +55,8 @@ STAGES = (
     stages.Stage("targets", ("lfpr/sum_*", "lfpr/thre_*", "lfpr/results.*"),
                  ("prune", "rest", "eval", "speed"),
                  ("importance", "pseudo-labels", "unpruned evaluation")),
-    stages.Stage("speed", ("lfpr/speed_unpruned.json",), ("speed",), ("base model",)),
+    stages.Stage("speed", ("lfpr/speed_unpruned.json",), ("speed", "compute_dtype"),
+                 ("base model",)),
 )
 
 
@@ -190,9 +191,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       model_dir, delta_dir = os.path.join(d, "model"), os.path.join(d, "delta")
       trainable = rest.trainable_params(retrained, pruned_config, target.layers)
       if is_main:
-        checkpointing.save_model(model_dir, pruned_config, retrained, overwrite=True,
+        saved_config = common.for_saving(pruned_config)
+        checkpointing.save_model(model_dir, saved_config, retrained, overwrite=True,
                                  extra={"target": target.name, "base_sha256": base_sha})
-        delta.save_delta(delta_dir, trainable=trainable, pruned_config=pruned_config,
+        delta.save_delta(delta_dir, trainable=trainable, pruned_config=saved_config,
                          head_mask=sel.head_mask, ffn_mask=sel.ffn_mask,
                          base_sha256=base_sha, overwrite=True,
                          extra={"target": target.name, "layers": target.layers})

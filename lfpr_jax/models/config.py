@@ -42,6 +42,9 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
   return cls(**dict(data))
 
 
+# Matmul input precisions of `TapConfig.compute_dtype` (accumulation is always float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 # Published TAP checkpoints (docs/TAP.md §1.1).
 KNOWN_ARCHS = {
     "tap": dict(text_bert_layers=3, mmt_layers=4),
@@ -80,6 +83,11 @@ class TapConfig:
     ptr_query_key_size: OCR pointer-net projection width.
     hidden_dropout, attention_dropout: BERT dropouts (text-BERT, MMT, decoder inputs).
     obj_dropout, ocr_dropout: dropout after the object / OCR input encoders.
+    compute_dtype: "float32" (default, the upstream numerics) or "bfloat16": every
+      matmul of the model takes bfloat16 inputs and accumulates/returns float32;
+      parameters, the residual stream, softmax, LayerNorm statistics and losses stay
+      float32 (`lfpr_jax.models.tap.matmul`). A run-time choice, not part of the
+      architecture: a config of either value describes the same parameters.
   """
 
   arch: str = "tap"
@@ -114,6 +122,7 @@ class TapConfig:
   attention_dropout: float = 0.1
   obj_dropout: float = 0.1
   ocr_dropout: float = 0.1
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     # Lists from JSON / ml_collections become tuples so the config stays hashable.
@@ -137,6 +146,10 @@ class TapConfig:
           f"+ ocr_text_len ({self.ocr_text_len}): the object-name segment is empty.")
     if self.decode_steps > self.prev_pred_positions:
       raise ValueError("decode_steps exceeds the decoder position table.")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(
+          f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got "
+          f"{self.compute_dtype!r}.")
 
   # Derived sizes ---------------------------------------------------------------
   @property

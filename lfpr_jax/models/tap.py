@@ -16,12 +16,18 @@ Two ways to run the multimodal transformer:
 Head and FFN-neuron masks are explicit arguments (`head_mask`, `ffn_mask`; ones = no-op)
 so that `jax.grad` with respect to them gives LFPR's importance gradients. With
 `config.learnable_masks` every MMT layer also owns learnable masks (the ReSt model).
+
+`config.compute_dtype = "bfloat16"` runs every matmul (dense layers, Q/K/V and output
+projections, the QK^T and PV products, pointer net, classifier) on bfloat16 inputs with
+float32 accumulation and output, all through `matmul`; everything else (parameters,
+residual stream, softmax and its -10000 mask, LayerNorm, losses) stays float32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -92,8 +98,45 @@ def split_layer_masks(mask: LayerMasks, sizes: Sequence[int], what: str
   return masks
 
 
-def dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.normal(0.02), name=name)
+def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
+           *args: Any, **kwargs: Any) -> Array:
+  """`op(a, b, *args, **kwargs)` for a product op, in the precision `compute_dtype`.
+
+  The one place where the model's matmul precision is decided (`TapConfig.compute_dtype`).
+
+  Args:
+    compute_dtype: "float32": `op` runs untouched (the upstream numerics, bit for bit).
+      "bfloat16": both operands are cast to bfloat16 and `op` accumulates and returns
+      float32 (`preferred_element_type`), so only the inputs lose precision (8-bit
+      mantissa); the result and everything downstream of it stay float32.
+    op: `jnp.einsum` with its subscripts bound, `jnp.matmul` or `jax.lax.dot_general`
+      (anything taking `preferred_element_type`).
+    a, b: the two operands (float32).
+    *args, **kwargs: passed on to `op` (e.g. dot_general's dimension numbers).
+
+  Returns:
+    `op`'s float32 result.
+  """
+  if compute_dtype == "float32":
+    return op(a, b, *args, **kwargs)
+  if compute_dtype == "bfloat16":
+    return op(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), *args,
+              preferred_element_type=jnp.float32, **kwargs)
+  raise ValueError(
+      f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
+
+
+def einsum(subscripts: str, a: Array, b: Array, compute_dtype: str) -> Array:
+  """`jnp.einsum(subscripts, a, b)` in the precision `compute_dtype` (see `matmul`)."""
+  return matmul(compute_dtype, functools.partial(jnp.einsum, subscripts), a, b)
+
+
+def dense(features: int, name: str, compute_dtype: str = "float32") -> nn.Dense:
+  # float32 keeps flax's own lax.dot_general (dot_general=None): the exact old module.
+  dot_general = (None if compute_dtype == "float32" else
+                 functools.partial(matmul, compute_dtype, jax.lax.dot_general))
+  return nn.Dense(features, kernel_init=nn.initializers.normal(0.02),
+                  dot_general=dot_general, name=name)
 
 
 class Bias(nn.Module):
@@ -109,6 +152,7 @@ class HeadProjection(nn.Module):
   """Q/K/V projection to head-major activations: kernel `[d, h, 64]`, bias `[h, 64]`."""
   num_heads: int
   head_dim: int
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -116,12 +160,14 @@ class HeadProjection(nn.Module):
     kernel = self.param("kernel", nn.initializers.normal(0.02),
                         (x.shape[-1], self.num_heads, self.head_dim))
     bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.head_dim))
-    return jnp.einsum("bsd,dhk->bhsk", x, kernel) + bias[None, :, None, :]
+    return (einsum("bsd,dhk->bhsk", x, kernel, self.compute_dtype)
+            + bias[None, :, None, :])
 
 
 class OutProjection(nn.Module):
   """Attention output projection: kernel `[h, 64, d]`, bias `[d]`."""
   features: int
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, ctx: Array) -> Array:
@@ -129,7 +175,7 @@ class OutProjection(nn.Module):
     kernel = self.param("kernel", nn.initializers.normal(0.02),
                         (ctx.shape[1], ctx.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return jnp.einsum("bhqk,hkd->bqd", ctx, kernel) + bias
+    return einsum("bhqk,hkd->bqd", ctx, kernel, self.compute_dtype) + bias
 
 
 class SelfAttention(nn.Module):
@@ -143,14 +189,15 @@ class SelfAttention(nn.Module):
   hidden_size: int
   attention_dropout: float
   learnable_mask: bool = False
+  compute_dtype: str = "float32"
 
   def setup(self):
-    h, hd = self.num_heads, self.head_dim
+    h, hd, cd = self.num_heads, self.head_dim, self.compute_dtype
     if h > 0:
-      self.query = HeadProjection(h, hd, name="query")
-      self.key = HeadProjection(h, hd, name="key")
-      self.value = HeadProjection(h, hd, name="value")
-      self.out = OutProjection(self.hidden_size, name="out")
+      self.query = HeadProjection(h, hd, cd, name="query")
+      self.key = HeadProjection(h, hd, cd, name="key")
+      self.value = HeadProjection(h, hd, cd, name="value")
+      self.out = OutProjection(self.hidden_size, cd, name="out")
       if self.learnable_mask:
         self.head_mask = self.param("head_mask", nn.initializers.ones, (h,))
     else:
@@ -189,7 +236,10 @@ class SelfAttention(nn.Module):
     q = self.query(x)
     # Head-major activations [B, h, S, 64]: every product below is a plain batched
     # matmul over (B, h), with no transposes in the forward or backward pass.
-    logits = [jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(self.head_dim) + m
+    # The products are float32 in either precision, so the scaling, the -10000 mask
+    # and the softmax below always run in float32.
+    logits = [einsum("bhqd,bhkd->bhqk", q, k, self.compute_dtype)
+              / math.sqrt(self.head_dim) + m
               for k, _, m in segments]
     sizes = [l.shape[-1] for l in logits]
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
@@ -204,7 +254,8 @@ class SelfAttention(nn.Module):
     ctx = 0.0
     start = 0
     for (_, v, _), n in zip(segments, sizes):
-      ctx = ctx + jnp.einsum("bhqk,bhkd->bhqd", probs[..., start:start + n], v)
+      ctx = ctx + einsum("bhqk,bhkd->bhqd", probs[..., start:start + n], v,
+                         self.compute_dtype)
       start += n
     return ctx
 
@@ -214,11 +265,12 @@ class FeedForward(nn.Module):
   ffn_dim: int
   hidden_size: int
   learnable_mask: bool = False
+  compute_dtype: str = "float32"
 
   def setup(self):
     if self.ffn_dim > 0:
-      self.wi = dense(self.ffn_dim, "wi")
-      self.wo = dense(self.hidden_size, "wo")
+      self.wi = dense(self.ffn_dim, "wi", self.compute_dtype)
+      self.wo = dense(self.hidden_size, "wo", self.compute_dtype)
       if self.learnable_mask:
         self.ffn_mask = self.param("ffn_mask", nn.initializers.ones, (self.ffn_dim,))
     else:
@@ -250,10 +302,10 @@ class BertLayer(nn.Module):
     c = self.config
     self.attention = SelfAttention(self.num_heads, c.head_dim, c.hidden_size,
                                    c.attention_dropout, self.learnable_masks,
-                                   name="attention")
+                                   c.compute_dtype, name="attention")
     self.attn_ln = layer_norm("attn_ln")
     self.ffn = FeedForward(self.ffn_dim, c.hidden_size, self.learnable_masks,
-                           name="ffn")
+                           c.compute_dtype, name="ffn")
     self.ffn_ln = layer_norm("ffn_ln")
     self.dropout = nn.Dropout(c.hidden_dropout)
 
@@ -387,8 +439,9 @@ class OcrPtrNet(nn.Module):
   config: TapConfig
 
   def setup(self):
-    self.query = dense(self.config.ptr_query_key_size, "query")
-    self.key = dense(self.config.ptr_query_key_size, "key")
+    c = self.config
+    self.query = dense(c.ptr_query_key_size, "query", c.compute_dtype)
+    self.key = dense(c.ptr_query_key_size, "key", c.compute_dtype)
 
   def keys(self, ocr_out: Array) -> Array:
     """Pointer keys `[B, N_c, D]` of the OCR rows (cached across decoding steps)."""
@@ -397,7 +450,7 @@ class OcrPtrNet(nn.Module):
   def __call__(self, dec_out: Array, ocr_keys: Array, ocr_valid: Array) -> Array:
     """Copy scores `[B, T, N_c]` of the decoder rows against `keys(ocr_out)`."""
     q = self.query(dec_out)
-    s = jnp.einsum("btd,bnd->btn", q, ocr_keys) / math.sqrt(
+    s = einsum("btd,bnd->btn", q, ocr_keys, self.config.compute_dtype) / math.sqrt(
         self.config.ptr_query_key_size)
     return s + additive_mask(ocr_valid)[:, None, :]
 
@@ -418,15 +471,15 @@ class TAP(nn.Module):
   def setup(self):
     c = self.config
     self.text_bert = TextBert(c, name="text_bert")
-    self.obj_fc7 = dense(c.fc7_dim, "obj_fc7")
-    self.obj_feat_proj = dense(c.hidden_size, "obj_feat_proj")
-    self.obj_bbox_proj = dense(c.hidden_size, "obj_bbox_proj")
+    self.obj_fc7 = dense(c.fc7_dim, "obj_fc7", c.compute_dtype)
+    self.obj_feat_proj = dense(c.hidden_size, "obj_feat_proj", c.compute_dtype)
+    self.obj_bbox_proj = dense(c.hidden_size, "obj_bbox_proj", c.compute_dtype)
     self.obj_feat_ln = layer_norm("obj_feat_ln", INPUT_LN_EPS)
     self.obj_bbox_ln = layer_norm("obj_bbox_ln", INPUT_LN_EPS)
     self.obj_drop = nn.Dropout(c.obj_dropout)
-    self.ocr_fc7 = dense(c.fc7_dim, "ocr_fc7")
-    self.ocr_feat_proj = dense(c.hidden_size, "ocr_feat_proj")
-    self.ocr_bbox_proj = dense(c.hidden_size, "ocr_bbox_proj")
+    self.ocr_fc7 = dense(c.fc7_dim, "ocr_fc7", c.compute_dtype)
+    self.ocr_feat_proj = dense(c.hidden_size, "ocr_feat_proj", c.compute_dtype)
+    self.ocr_bbox_proj = dense(c.hidden_size, "ocr_bbox_proj", c.compute_dtype)
     self.ocr_feat_ln = layer_norm("ocr_feat_ln", INPUT_LN_EPS)
     self.ocr_bbox_ln = layer_norm("ocr_bbox_ln", INPUT_LN_EPS)
     self.ocr_drop = nn.Dropout(c.ocr_dropout)
@@ -483,7 +536,8 @@ class TAP(nn.Module):
 
   def _scores(self, dec_out: Array, ocr_keys: Array, ocr_valid: Array) -> Array:
     """Fixed-vocabulary logits ⧺ OCR copy scores `[B, T, V_a + N_c]`."""
-    fixed = dec_out @ self.classifier_embedding.T + self.classifier_bias
+    fixed = (matmul(self.config.compute_dtype, jnp.matmul, dec_out,
+                    self.classifier_embedding.T) + self.classifier_bias)
     ocr = self.ocr_ptr_net(dec_out, ocr_keys, ocr_valid)
     self.sow("intermediates", "fixed_scores", fixed)
     self.sow("intermediates", "ocr_scores", ocr)

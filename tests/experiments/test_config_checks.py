@@ -42,6 +42,8 @@ def _problems(edit, base=None):
     (lambda c: c.data.update(dataset="vqa2"), "data.dataset='vqa2'"),
     (lambda c: c.model.update(mmt_ffn=(8, 8)),
      "model.mmt_heads / model.mmt_ffn: expected one entry per MMT layer"),
+    (lambda c: c.update(compute_dtype="float16"),
+     "compute_dtype='float16': expected one of 'float32', 'bfloat16'"),
 ])
 def test_each_bad_value_is_named(edit, expected):
   problems = _problems(edit)
@@ -69,6 +71,21 @@ def test_unknown_model_field_and_sweep_names():
                        sweep_synthetic.get_config("tiny"))
   assert any(p.startswith("sweep.criteria=") for p in problems)
   assert any(p.startswith("sweep.restorations=") for p in problems)
+
+
+def test_compute_dtype_is_one_top_level_switch():
+  for config in (synthetic.get_config(), tap_textvqa.get_config()):
+    assert config.compute_dtype == "float32"
+  config = synthetic.get_config("tiny")
+  config.compute_dtype = "bfloat16"
+  config_checks.validate(config)
+  config.model.unlock()
+  config.model.compute_dtype = "bfloat16"   # would also change the base model
+  assert any(p.startswith("model.compute_dtype: set the top-level compute_dtype")
+             for p in _problems(lambda c: None, config))
+  config = synthetic.get_config("tiny")
+  del config["compute_dtype"]
+  assert "compute_dtype: missing" in _problems(lambda c: None, config)
 
 
 def test_checks_against_the_model():

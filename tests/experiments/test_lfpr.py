@@ -1,5 +1,6 @@
 """The LFPR driver's targets, run record and tables (the run itself: test_base_model)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from configs.synthetic import get_config
 from lfpr_jax import atomic
 from lfpr_jax.experiments import common, lfpr, stages
+from lfpr_jax.models.config import TapConfig
 
 
 def test_targets_from_the_schedule():
@@ -51,6 +53,37 @@ def test_run_record_keeps_what_a_corrected_config_does_not_touch(tmp_path):
   seeded.rest.lr, seeded.train.num_steps = 1e-4, 7   # the base model changes
   with pytest.raises(ValueError, match="base model, unpruned evaluation, t\\*"):
     check(seeded)
+
+
+def test_compute_dtype_invalidates_every_stage_after_the_base_model(tmp_path):
+  all_stages = common.SHARED_STAGES + lfpr.STAGES
+  assert [s.name for s in stages.invalidated(all_stages, ["compute_dtype"])] == [
+      "unpruned evaluation", "t*", "pseudo-labels", "importance", "targets", "speed"]
+  check = lambda c, **kw: stages.check_run_record(
+      c, str(tmp_path), str(tmp_path / "lfpr"), all_stages, ignore=lfpr.MUTABLE_KEYS,
+      **kw)
+  check(get_config("tiny"))
+  _populate(tmp_path, "base_model/arch.json", "lfpr/base_eval.json",
+            "lfpr/tstar.json", "lfpr/pseudo_labels.npz")
+  low = get_config("tiny")
+  low.compute_dtype = "bfloat16"
+  with pytest.raises(ValueError) as e:
+    check(low)
+  msg = str(e.value)
+  assert "compute_dtype ('float32' -> 'bfloat16')" in msg and "--invalidate" in msg
+  assert "base_model/" not in msg
+  check(low, invalidate=True)
+  assert (tmp_path / "base_model/arch.json").exists()
+  assert not any((tmp_path / "lfpr" / f).exists()
+                 for f in ("base_eval.json", "tstar.json", "pseudo_labels.npz"))
+
+
+def test_run_config_sets_compute_dtype_and_saved_config_is_float32():
+  base = TapConfig(arch="custom", mmt_heads=(2,), mmt_ffn=(64,))
+  low = common.with_compute_dtype(base, "bfloat16")
+  assert low.compute_dtype == "bfloat16" and base.compute_dtype == "float32"
+  assert dataclasses.replace(low, compute_dtype="float32") == base
+  assert common.for_saving(low.pruned([1], [32])) == base.pruned([1], [32])
 
 
 def _row(retention=0.97, speed_scale=1.0):

@@ -3,16 +3,18 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfpr_jax.models.batch import model_inputs
+from lfpr_jax.models.batch import DECODER_INPUTS, MODEL_INPUTS, model_inputs
 from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.models.config import TapConfig
-from lfpr_jax.models.params import init_params
+from lfpr_jax.models.losses import m4c_decoding_bce
+from lfpr_jax.models.params import abstract_params, init_params
 from lfpr_jax.models.tap import TAP
-from tests.helpers import BASE, random_batch
+from tests.helpers import BASE, SMALL, random_batch, random_params
 
 def _setup(config, seed=0, batch_size=3):
   params = init_params(config, jax.random.key(seed))
@@ -113,3 +115,116 @@ def test_config_json_round_trip_and_validation():
     TapConfig.from_dict({"heads": 3})
   with pytest.raises(ValueError, match="need 4 per-layer"):
     TapConfig.tap().pruned([1, 2], [3, 4])
+
+
+# Reduced precision (TapConfig.compute_dtype) -------------------------------------------
+
+SMALL_BF16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
+# bfloat16 keeps 8 significant bits: every matmul input is rounded with a relative
+# error of up to 2^-9 ~ 2e-3. Through the ~10 matmuls in series of SMALL (encoders,
+# text-BERT, two MMT layers, pointer net / classifier) these add up to ~0.3-1.3%
+# relative L2 error in the scores and gradients (measured); 3e-2 leaves a 2x margin.
+# The float32 path agrees with itself to ~1e-7, and the bfloat16 error is also
+# required to exceed 1e-4, so a switch that silently stays float32 fails.
+BF16_RTOL = 3e-2
+
+
+def _rel_l2(ref, got):
+  ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+  return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def _loss_inputs(config, batch_size=2, seed=0):
+  raw = random_batch(config, batch_size, seed)
+  raw["context_info_0"]["max_features"] = np.full(batch_size, config.ocr_max)
+  rng = np.random.default_rng(seed)
+  raw["targets"] = (rng.random(raw["targets"].shape) < 0.05).astype(np.float32)
+  full = model_inputs(raw, config, with_targets=True)
+  return ({k: full[k] for k in MODEL_INPUTS + DECODER_INPUTS},
+          full["targets"], full["train_loss_mask"])
+
+
+def _scores_loss_grads(config, params, inputs, targets, loss_mask):
+  """Scores, loss and its gradients w.r.t. params, head masks and FFN masks."""
+  model = TAP(config)
+  head = [jnp.ones(h) for h in config.mmt_heads]
+  ffn = [jnp.ones(f) for f in config.mmt_ffn]
+
+  def loss(p, hm, fm):
+    s = model.apply({"params": p}, inputs, head_mask=hm, ffn_mask=fm)
+    return m4c_decoding_bce(s, targets, loss_mask), s
+
+  (l, s), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      params, head, ffn)
+  return s, l, g
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general equation of a jaxpr, nested sub-jaxprs (pjit, ...) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _dot_generals(sub)
+
+
+def test_compute_dtype_validated_and_round_trips():
+  with pytest.raises(ValueError, match="compute_dtype must be one of"):
+    TapConfig(compute_dtype="float16")
+  assert TapConfig().compute_dtype == "float32"
+  assert TapConfig.from_json(SMALL_BF16.to_json()) == SMALL_BF16
+
+
+def test_bfloat16_close_to_float32_with_float32_outputs_and_grads():
+  params = random_params(SMALL, 0)
+  inputs, targets, loss_mask = _loss_inputs(SMALL)
+  s32, l32, g32 = _scores_loss_grads(SMALL, params, inputs, targets, loss_mask)
+  s16, l16, g16 = _scores_loss_grads(SMALL_BF16, params, inputs, targets, loss_mask)
+  # Only the matmul inputs are bfloat16: outputs, loss and every gradient are float32,
+  # and the parameters of a bfloat16 model are float32 too.
+  assert s16.dtype == l16.dtype == jnp.float32
+  assert {x.dtype for x in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
+  abstract = abstract_params(dataclasses.replace(SMALL_BF16, learnable_masks=True))
+  assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
+  assert (jax.tree.structure(abstract) == jax.tree.structure(
+      abstract_params(dataclasses.replace(SMALL, learnable_masks=True))))
+
+  assert 1e-4 < _rel_l2(s32, s16) < BF16_RTOL
+  assert abs(float(l16) - float(l32)) < BF16_RTOL * abs(float(l32))
+  # Head / neuron mask gradients (LFPR's importance scores) per layer.
+  for ref, got in zip(jax.tree.leaves(g32[1:]), jax.tree.leaves(g16[1:])):
+    assert _rel_l2(ref, got) < BF16_RTOL
+  # Parameter gradients, skipping the attention key biases: their exact gradient is 0
+  # (softmax ignores a per-query shift), so both precisions only show rounding noise.
+  flat32 = jax.tree_util.tree_leaves_with_path(g32[0])
+  for (path, ref), got in zip(flat32, jax.tree.leaves(g16[0])):
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name and "ocr_ptr_net" not in name:
+      assert np.abs(ref).max() < 1e-4, name
+      continue
+    assert _rel_l2(ref, got) < BF16_RTOL, name
+
+
+def test_bfloat16_runs_every_matmul_on_bfloat16_inputs():
+  inputs, _, _ = _loss_inputs(SMALL, batch_size=1)
+  params = random_params(SMALL, 0)
+  head = [jnp.ones(h) for h in SMALL.mmt_heads]
+
+  def dots(config, grad):
+    fn = lambda p, hm: TAP(config).apply({"params": p}, inputs, head_mask=hm).sum()
+    fn = jax.grad(fn, argnums=(0, 1)) if grad else fn
+    return [[v.aval.dtype for v in e.invars + e.outvars]
+            for e in _dot_generals(jax.make_jaxpr(fn)(params, head).jaxpr)]
+
+  bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  # Forward: 8 dense layers (object / OCR encoders, pointer-net query and key), per
+  # BERT layer Q, K, V, QK^T, PV, out and 2 FFN (3 layers), the classifier and the
+  # pointer scores: 8 + 3 * 8 + 2 = 34 products, all bf16 x bf16 -> f32.
+  assert dots(SMALL_BF16, grad=False) == [[bf16, bf16, f32]] * 34
+  # Backward: the transposed products take the float32 cotangent and the saved
+  # bfloat16 operand and return float32.
+  backward = dots(SMALL_BF16, grad=True)
+  assert len(backward) == 34 + 2 * 34 - 4  # no input gradient for the 4 layers on raw inputs
+  assert all(d[-1] == f32 and bf16 in d[:2] for d in backward)
+  # float32 (the default) has no bfloat16 anywhere, forward or backward.
+  assert {tuple(d) for d in dots(SMALL, grad=True)} == {(f32, f32, f32)}
