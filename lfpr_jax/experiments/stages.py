@@ -86,6 +86,18 @@ def save_json(path: str, value: Any) -> None:
   atomic.write_json(path, value)
 
 
+# Config keys added after workdirs may have been written: a run record or stage sidecar
+# without one was produced at this value (so an old workdir stays reusable as long as
+# the key keeps it).
+ADDED_KEYS = {"compute_dtype": "float32"}
+
+
+def _with_added_keys(stored: Mapping[str, Any], current: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+  """`stored` completed with the `ADDED_KEYS` values of the keys `current` has."""
+  return {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **stored}
+
+
 def cached(path: str, compute: Callable[[], T], *, depends_on: Mapping[str, Any],
            save: Callable[[str, T], None] = save_json,
            load: Callable[[str], T] = load_json,
@@ -115,6 +127,7 @@ def cached(path: str, compute: Callable[[], T], *, depends_on: Mapping[str, Any]
     try:
       meta = load_json(meta_path)
       seconds, stored, sha = meta["seconds"], meta["depends_on"], meta["sha256"]
+      stored = _with_added_keys(stored, depends_on)
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise StageError(f"{path} has no valid record of what produced it "
                        f"({meta_path}: {type(e).__name__}): {remedy}.") from None
@@ -213,8 +226,8 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
   current = flat_config(config)
   if os.path.exists(path):
     try:
-      stored = load_json(path).get("config", {})
-    except (OSError, ValueError, AttributeError) as e:
+      stored = _with_added_keys(load_json(path).get("config", {}), current)
+    except (OSError, ValueError, AttributeError, TypeError) as e:
       raise ValueError(f"{path} (the workdir's run record) cannot be read "
                        f"({type(e).__name__}); remove it to start the record anew "
                        "(stage outputs are checked on their own).") from None

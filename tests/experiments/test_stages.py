@@ -116,3 +116,29 @@ def test_checker_lists_every_problem():
   assert e.value.problems == ["a.n=0: expected an integer >= 1",
                               "a.flag=1: expected True or False",
                               "a.x=-2.0: expected a number > 0", "a.missing: missing"]
+
+
+def test_outputs_written_before_a_key_existed_count_at_its_added_value(tmp_path):
+  """A workdir written before `compute_dtype` existed is reused at float32 and
+  refused (with the usual message) at another value."""
+  path = str(tmp_path / "tstar.json")
+  stages.cached(path, lambda: {"t_star": 1}, depends_on={"prune.t_star": -1})
+  value, _ = stages.cached(path, lambda: {"t_star": 9},
+                           depends_on={"prune.t_star": -1, "compute_dtype": "float32"})
+  assert value == {"t_star": 1}
+  with pytest.raises(stages.StageError, match=r"differs in compute_dtype"):
+    stages.cached(path, lambda: {}, depends_on={"prune.t_star": -1,
+                                                "compute_dtype": "bfloat16"})
+  stage_list = STAGES + (stages.Stage("eval", ("lfpr/eval.json",), ("compute_dtype",),
+                                      ("base model",)),)
+  stage_dir = str(tmp_path / "lfpr")
+  stages.check_run_record(_config(), str(tmp_path), stage_dir, stage_list)
+  _populate(tmp_path)
+  (tmp_path / "lfpr" / "eval.json").write_text("{}")
+  new = _config()
+  new.compute_dtype = "float32"
+  stages.check_run_record(new, str(tmp_path), stage_dir, stage_list)   # reused
+  new.compute_dtype = "bfloat16"
+  with pytest.raises(ValueError, match=r"compute_dtype \('float32' -> 'bfloat16'\)"):
+    stages.check_run_record(new, str(tmp_path), stage_dir, stage_list)
+  assert (tmp_path / "lfpr" / "eval.json").exists()

@@ -40,9 +40,14 @@ def lfpr_gradients(model: TAP, params, inputs, variant: str) -> dict:
   """The LFPR objective `sum_b max_c scores[b, t, c]` and its mask gradients.
 
   Masks at ones, for each t in STEPS; `variant` 'tf' (teacher forcing) or 'greedy'.
-  One forward, then one backward per cotangent (vmapped): per t the whole batch, and
-  per (sample, t) a one-hot cotangent, which is that sample's own gradient since
-  samples do not interact.
+  Samples do not interact, so each sample runs on its own (a batch of one, vmapped
+  over the batch): one forward, then one backward per t (vmapped over one-hot
+  cotangents) gives that sample's objective and mask gradients. The whole-batch
+  objective and gradients are their sums over the samples (the objective is a sum
+  over samples and the gradient is linear), which is what upstream's one backward of
+  the batch objective computes, up to float summation order. This costs B x 3
+  single-sample backward passes, where one vjp of the batch per (sample, t)
+  cotangent would cost (B + 1) x 3 batch-sized ones.
 
   Returns arrays with a leading axis over STEPS: `objective` [3], `head_grad`
   [3, L, 12], `ffn_grad` [3, L, 3072], `objective_per_sample` [3, B],
@@ -51,30 +56,30 @@ def lfpr_gradients(model: TAP, params, inputs, variant: str) -> dict:
   c = model.config
   steps = len(STEPS)
 
-  def best(head_mask, ffn_mask):  # [B, steps]: max_c scores[b, t, c]
+  def best(head_mask, ffn_mask, sample):  # [1, steps]: max_c scores[0, t, c]
     if variant == "tf":
-      scores = model.apply({"params": params}, inputs, head_mask=head_mask,
+      scores = model.apply({"params": params}, sample, head_mask=head_mask,
                            ffn_mask=ffn_mask)
     else:
       # Steps after t do not change step t, so one decode of len(STEPS) steps serves
       # every t (upstream runs t + 1 passes and differentiates the last).
-      scores, _ = greedy_decode(model, {"params": params}, inputs, num_steps=steps,
+      scores, _ = greedy_decode(model, {"params": params}, sample, num_steps=steps,
                                 head_mask=head_mask, ffn_mask=ffn_mask)
     return jnp.max(scores[:, :steps], axis=-1)
 
   ones = (jnp.ones((c.mmt_layers, max(c.mmt_heads))),
           jnp.ones((c.mmt_layers, max(c.mmt_ffn))))
-  value, vjp = jax.vjp(best, *ones)
-  b = value.shape[0]
-  whole_batch = jnp.broadcast_to(jnp.eye(steps)[:, None, :], (steps, b, steps))
-  per_sample = jnp.eye(b * steps).reshape(b * steps, b, steps)  # row = (sample, t)
-  head, ffn = jax.vmap(vjp)(jnp.concatenate([whole_batch, per_sample]))
 
-  def by_step(g):  # [(sample, t), ...] -> [t, sample, ...]
-    return jnp.swapaxes(g[steps:].reshape(b, steps, *g.shape[1:]), 0, 1)
-  return {"objective": value.sum(0), "head_grad": head[:steps], "ffn_grad": ffn[:steps],
-          "objective_per_sample": value.T, "head_grad_per_sample": by_step(head),
-          "ffn_grad_per_sample": by_step(ffn)}
+  def one_sample(sample):  # leaves [1, ...] -> [steps], [steps, L, H], [steps, L, F]
+    value, vjp = jax.vjp(lambda h, f: best(h, f, sample), *ones)
+    head, ffn = jax.vmap(vjp)(jnp.eye(steps)[:, None, :])
+    return value[0], head, ffn
+
+  value, head, ffn = jax.vmap(one_sample)(jax.tree.map(lambda x: x[:, None], inputs))
+  per_step = lambda g: jnp.swapaxes(g, 0, 1)  # [B, steps, ...] -> [steps, B, ...]
+  return {"objective": value.sum(0), "head_grad": head.sum(0), "ffn_grad": ffn.sum(0),
+          "objective_per_sample": value.T, "head_grad_per_sample": per_step(head),
+          "ffn_grad_per_sample": per_step(ffn)}
 
 
 def unpruned_runs(model: TAP, params, inputs, head_mask, ffn_mask) -> dict:
