@@ -106,9 +106,14 @@ def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
 
   Args:
     compute_dtype: "float32": `op` runs untouched (the upstream numerics, bit for bit).
-      "bfloat16": both operands are cast to bfloat16 and `op` accumulates and returns
-      float32 (`preferred_element_type`), so only the inputs lose precision (8-bit
-      mantissa); the result and everything downstream of it stay float32.
+      "bfloat16": mixed precision as in torch's autocast. Forward: both operands are
+      cast to bfloat16 and `op` accumulates and returns float32
+      (`preferred_element_type`), so only the inputs lose precision (8-bit mantissa)
+      and everything downstream stays float32. Backward (a custom VJP): the incoming
+      float32 cotangent is cast to bfloat16 too, so the two transposed products also
+      run on bfloat16 operands (a float32 x bfloat16 product would run at float32
+      speed); their results are returned as float32, so gradients are summed and
+      applied in float32.
     op: `jnp.einsum` with its subscripts bound, `jnp.matmul` or `jax.lax.dot_general`
       (anything taking `preferred_element_type`).
     a, b: the two operands (float32).
@@ -119,11 +124,30 @@ def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
   """
   if compute_dtype == "float32":
     return op(a, b, *args, **kwargs)
-  if compute_dtype == "bfloat16":
-    return op(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), *args,
-              preferred_element_type=jnp.float32, **kwargs)
-  raise ValueError(
-      f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
+  if compute_dtype != "bfloat16":
+    raise ValueError(
+        f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
+  bf16 = jnp.bfloat16
+  product = lambda x, y, **kw: op(x, y, *args, **kwargs, **kw)
+  dtypes = a.dtype, b.dtype
+
+  @jax.custom_vjp
+  def mixed(x, y):
+    return product(x.astype(bf16), y.astype(bf16), preferred_element_type=jnp.float32)
+
+  def forward(x, y):
+    x16, y16 = x.astype(bf16), y.astype(bf16)
+    return product(x16, y16, preferred_element_type=jnp.float32), (x16, y16)
+
+  def backward(saved, g):
+    x16, y16 = saved
+    g16 = g.astype(bf16)
+    (dx,) = jax.linear_transpose(lambda x: product(x, y16), x16)(g16)
+    (dy,) = jax.linear_transpose(lambda y: product(x16, y), y16)(g16)
+    return dx.astype(dtypes[0]), dy.astype(dtypes[1])
+
+  mixed.defvjp(forward, backward)
+  return mixed(a, b)
 
 
 def einsum(subscripts: str, a: Array, b: Array, compute_dtype: str) -> Array:
