@@ -80,6 +80,11 @@ class TapConfig:
     ptr_query_key_size: OCR pointer-net projection width.
     hidden_dropout, attention_dropout: BERT dropouts (text-BERT, MMT, decoder inputs).
     obj_dropout, ocr_dropout: dropout after the object / OCR input encoders.
+    remat: rematerialise every text-BERT and MMT layer (`flax.linen.remat`, policy
+      `tap.REMAT_POLICY`): the backward pass keeps only each layer's inputs and
+      recomputes the rest, trading about one extra forward for a much smaller peak
+      memory of a training step (docs/TAP.md §4.7). Same parameters, same outputs
+      and gradients (up to float rounding); no effect without differentiation.
   """
 
   arch: str = "tap"
@@ -114,6 +119,7 @@ class TapConfig:
   attention_dropout: float = 0.1
   obj_dropout: float = 0.1
   ocr_dropout: float = 0.1
+  remat: bool = False
 
   def __post_init__(self):
     # Lists from JSON / ml_collections become tuples so the config stays hashable.
