@@ -81,10 +81,10 @@ class TapConfig:
     hidden_dropout, attention_dropout: BERT dropouts (text-BERT, MMT, decoder inputs).
     obj_dropout, ocr_dropout: dropout after the object / OCR input encoders.
     remat: rematerialise every text-BERT and MMT layer (`flax.linen.remat`, policy
-      `tap.REMAT_POLICY`): the backward pass keeps only each layer's inputs and
-      recomputes the rest, trading about one extra forward for a much smaller peak
-      memory of a training step (docs/TAP.md §4.7). Same parameters, same outputs
-      and gradients (up to float rounding); no effect without differentiation.
+      `tap.REMAT_POLICY`): the backward pass may keep only each layer's inputs and
+      recompute the rest, at about one extra forward of the layers. Same parameters,
+      same outputs and gradients; no effect without differentiation. How much memory
+      it saves is up to XLA's scheduler: little on the CPU (docs/TAP.md §4.9).
   """
 
   arch: str = "tap"
