@@ -314,6 +314,7 @@ def stage_gflop(stage: str, c: TapConfig, batch_size: int) -> Optional[float]:
       "forward": fwd,
       "train_step": 3 * fwd,
       "train_step_dropout": 3 * fwd,
+      "train_step_adam": 3 * fwd,
       "greedy_cached": greedy_cached_flops(c),
       "greedy_reference": greedy_reference_flops(c),
   }.get(stage)

@@ -19,13 +19,17 @@ timed `--repeats` times with `jax.block_until_ready`. Stages:
   train_step          value_and_grad of the M4C loss w.r.t. all params, dropout off
                       (the headline: deterministic, comparable across frameworks);
   train_step_dropout  the same with dropout on (what upstream training runs);
+  train_step_adam     a whole optimiser step as training runs it: `step.train_step`
+                      (dropout on) with Adam on every parameter, state donated
+                      (`--no-donate`: not), each call fed the previous call's state;
   greedy_cached       `lfpr_jax.models.decoding.greedy_decode` (encoder once, KV cache);
   greedy_reference    `greedy_decode_reference` (upstream's 12 full passes), one jit;
   matmul_jax          4096 x 4096 float32 matmul (the machine's peak GFLOP/s);
   matmul_numpy        the same in numpy (its BLAS).
 
 `--isolate` runs every stage in a fresh subprocess, so each stage's `peak_rss_mb`
-is its own (the in-process peak RSS only grows). `--torch-json PATH` adds speed-ups
+is its own (the in-process peak RSS only grows). `--remat` runs the model with
+`TapConfig.remat` (every text-BERT and MMT layer rematerialised in the backward pass). `--torch-json PATH` adds speed-ups
 against a `benchmarks.torch_reference` result measured on the same machine.
 Output: a table on stdout, progress on stderr, JSON at `--out` (schema in
 benchmarks/README.md).
@@ -34,6 +38,8 @@ benchmarks/README.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -55,11 +61,13 @@ from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, count_params, init_params
 from lfpr_jax.models.tap import TAP
+from lfpr_jax.training import optim
+from lfpr_jax.training.step import init_state, train_step
 
 Array = jax.Array
 PyTree = Any
 
-STAGES = ("forward", "train_step", "train_step_dropout", "greedy_cached",
+STAGES = ("forward", "train_step", "train_step_dropout", "train_step_adam", "greedy_cached",
           "greedy_reference", "matmul_jax", "matmul_numpy")
 
 DESCRIPTIONS = {
@@ -68,6 +76,9 @@ DESCRIPTIONS = {
                   "(jit(value_and_grad)); headline training figure",
     "train_step_dropout": "forward + M4C loss + backward, train mode with dropout "
                           "(what upstream's training step runs)",
+    "train_step_adam": "one optimiser step: lfpr_jax.training.step.train_step (dropout "
+                       "on, M4C loss, Adam 1e-4 on every parameter, clip 0.25), jitted "
+                       "with the state donated unless --no-donate",
     "greedy_cached": "greedy decoding, 12 steps, encoder once + KV cache "
                      "(lfpr_jax.models.decoding.greedy_decode)",
     "greedy_reference": "greedy decoding as upstream: 12 full teacher-forced passes "
@@ -87,6 +98,10 @@ def parse_args(argv: Optional[Sequence[str]] = None
   p.add_argument("--torch-json", default="benchmarks/results/torch_reference.json",
                  help="a benchmarks.torch_reference result to compare with, if the "
                       "file exists")
+  p.add_argument("--remat", action="store_true",
+                 help="TapConfig.remat=True: rematerialise every text-BERT and MMT layer")
+  p.add_argument("--no-donate", action="store_true",
+                 help="train_step_adam without donating the train state to the step")
   args = p.parse_args(argv)
   return args, common.validate_args(p, args, STAGES)
 
@@ -181,6 +196,10 @@ def run_stage(stage: str, model: TAP, config: TapConfig, params: PyTree,
              "dropout off (eval-mode numerics); GFLOP counted as 3 x forward")
     return record(first, times, c_s, notes, est)
 
+  if stage == "train_step_adam":
+    return adam_stage(model, params, inputs, targets, loss_mask, dropout_key, args,
+                      record)
+
   if stage == "greedy_cached":
     def dec(p, x):
       return greedy_decode(model, {"params": p}, x)
@@ -216,6 +235,43 @@ def run_stage(stage: str, model: TAP, config: TapConfig, params: PyTree,
   raise ValueError(f"unknown stage {stage!r}")
 
 
+def adam_stage(model: TAP, params: PyTree, inputs: dict[str, Array], targets: Array,
+               loss_mask: Array, dropout_key: Array, args: argparse.Namespace,
+               record: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+  """`train_step_adam`: the training step with Adam state, donated or not.
+
+  Every call gets the state the previous call returned (as `loop.run_steps` does), so
+  with donation the old parameters and Adam moments are reused as output buffers.
+  """
+  label = "train_step_adam"
+  rules = ((".*", "base"),)
+  tx = optim.make_optimizer(params, rules, {"base": 1e-4}, warmup_steps=0,
+                            clip_norm=0.25)
+  # A copy: donation deletes the state's buffers, and the later stages read `params`.
+  state = init_state(jax.tree.map(jnp.copy, params), tx)
+  batch = {**inputs, "targets": targets, "train_loss_mask": loss_mask}
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx),
+                 donate_argnums=() if args.no_donate else (0,))
+  common.log(f"[{label}] compiling ...")
+  t0 = time.perf_counter()
+  compiled = step.lower(state, {}, batch, dropout_key).compile()
+  compile_s = time.perf_counter() - t0
+  est = xla_estimates(compiled)
+  holder = {"state": state}
+  del state  # with donation the first call consumes the initial buffers
+
+  def call():
+    new_state, metrics = compiled(holder["state"], {}, batch, dropout_key)
+    jax.block_until_ready((new_state, metrics))
+    holder["state"] = new_state
+
+  first, times = common.time_calls(label, call, args.repeats)
+  notes = ("state not donated" if args.no_donate else
+           "state donated (donate_argnums=(0,), as make_train_step)")
+  return record(first, times, compile_s, notes,
+                {**est, "donated": not args.no_donate})
+
+
 def run_in_subprocess(stage: str, args: argparse.Namespace) -> dict[str, Any]:
   """Runs one stage in a fresh interpreter; returns its record (or an error record)."""
   with tempfile.TemporaryDirectory(prefix="tap_cpu_") as tmp:
@@ -223,7 +279,8 @@ def run_in_subprocess(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.tap_cpu", "--arch", args.arch,
            "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--seed", str(args.seed), "--stages", stage, "--out", out, "--quiet",
-           "--torch-json", ""]
+           "--torch-json", ""] + (["--remat"] if args.remat else []) + (
+               ["--no-donate"] if args.no_donate else [])
     common.log(f"[{stage}] fresh subprocess: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0 or not os.path.exists(out):
@@ -248,7 +305,7 @@ def load_torch_result(path: str) -> Optional[dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args, stages = parse_args(argv)
-  config = common.make_config(args.arch)
+  config = dataclasses.replace(common.make_config(args.arch), remat=args.remat)
   machine = common.machine_info(
       {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
        "numpy": np.__version__},
@@ -276,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   model = TAP(config)
 
   result = common.result_skeleton("jax", args, stages, config, num_params, machine)
+  result["settings"].update(remat=args.remat, donate=not args.no_donate)
   result["stages"] = {}
   t_start = time.perf_counter()
   for i, stage in enumerate(stages):

@@ -276,6 +276,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   # --- Base model
   base_dir, times["base_model"] = base_model_dir(config, workdir)
   base_config, base_params = checkpointing.load_model(base_dir)
+  # `model.remat` says how to run the model, not what the checkpoint holds: it
+  # overrides the loaded config's and reaches every pruned model derived from it.
+  base_config = dataclasses.replace(base_config, remat=data.model_config.remat)
   check_compatible(base_config, data.model_config)
   config_checks.check_against_model(config, base_config)
   # The run's matmul precision for every model built from here on (evaluation, t*,

@@ -98,6 +98,8 @@ def _check_model(c: Checker) -> None:
     elif key not in fields:
       c.problems.append(f"model.{key}: not a TapConfig field (known: "
                         f"{', '.join(sorted(fields))})")
+  if c.get("model.remat") is not None:
+    c.boolean("model.remat")
   heads, ffn = c.get("model.mmt_heads"), c.get("model.mmt_ffn")
   if heads is not None and ffn is not None and len(heads) != len(ffn):
     c.problems.append(f"model.mmt_heads / model.mmt_ffn: expected one entry per MMT "

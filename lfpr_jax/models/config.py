@@ -88,6 +88,11 @@ class TapConfig:
       parameters, the residual stream, softmax, LayerNorm statistics and losses stay
       float32 (`lfpr_jax.models.tap.matmul`). A run-time choice, not part of the
       architecture: a config of either value describes the same parameters.
+    remat: rematerialise every text-BERT and MMT layer (`flax.linen.remat`, policy
+      `tap.REMAT_POLICY`): the backward pass may keep only each layer's inputs and
+      recompute the rest, at about one extra forward of the layers. Same parameters,
+      same outputs and gradients; no effect without differentiation. How much memory
+      it saves is up to XLA's scheduler: little on the CPU (docs/TAP.md §4.9).
   """
 
   arch: str = "tap"
@@ -123,6 +128,7 @@ class TapConfig:
   obj_dropout: float = 0.1
   ocr_dropout: float = 0.1
   compute_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     # Lists from JSON / ml_collections become tuples so the config stays hashable.

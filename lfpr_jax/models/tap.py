@@ -43,6 +43,10 @@ LayerMasks = Union[None, Array, Sequence[Optional[Array]]]
 MASK_VALUE = -10000.0  # upstream additive mask, not -inf (docs/TAP.md §12.9)
 BERT_LN_EPS = 1e-12
 INPUT_LN_EPS = 1e-5  # obj/OCR feature and box LayerNorms use the PyTorch default
+# What a rematerialised layer (`TapConfig.remat`) keeps for the backward pass: nothing
+# but its inputs; everything else is recomputed layer by layer (benchmarks/README.md,
+# "Memory", has the measurements behind this choice).
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def layer_norm(name: str, eps: float = BERT_LN_EPS) -> nn.LayerNorm:
@@ -96,6 +100,16 @@ def split_layer_masks(mask: LayerMasks, sizes: Sequence[int], what: str
           f"{what}[{i}] has shape {tuple(jnp.shape(m))}, but MMT layer {i} has {n} "
           f"{'heads' if what == 'head_mask' else 'FFN neurons'} (expected ({n},)).")
   return masks
+
+
+def layer_fn(fn: Any, remat: bool) -> Any:
+  """`fn(layer, *args)` itself, or under a lifted `jax.checkpoint` when `remat`.
+
+  The checkpoint wraps a function of the layer (not the `BertLayer` class) so that
+  Python values such as `train` stay closed over (static) and the parameter tree keeps
+  its names: the lifted function reads the layer's own scope.
+  """
+  return nn.remat(fn, prevent_cse=True, policy=REMAT_POLICY) if remat else fn
 
 
 def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
@@ -418,8 +432,9 @@ class TextBert(nn.Module):
     e = self.word(text) + self.position(positions) + self.token_type(types)
     x = self.dropout(self.emb_ln(e), deterministic=not train)
     mask = additive_mask(text != 0)[:, None, None, :]
+    call = layer_fn(lambda layer, x, mask: layer(x, mask, train=train), c.remat)
     for i, layer in enumerate(self.layers):
-      x = layer(x, mask, train=train)
+      x = call(layer, x, mask)
       self.sow("intermediates", f"layer_out_{i}", x)
     return x
 
@@ -626,6 +641,10 @@ class TAP(nn.Module):
     c = self.config
     start = c.encoder_len - c.ocr_max
     full = self.is_mutable_collection("intermediates")
+    attend = layer_fn(
+        lambda layer, q, segments, head_mask, ffn_mask: layer.attend(
+            q, segments, head_mask=head_mask, ffn_mask=ffn_mask, train=train),
+        c.remat)
     kvs = []
     for i, layer in enumerate(self.mmt_layers):
       kv = layer.project_kv(x)
@@ -635,8 +654,7 @@ class TAP(nn.Module):
         q = x[:, start:]
         m = mask if mask.shape[2] == 1 else mask[:, :, start:]
       segments = [] if kv is None else [(kv[0], kv[1], m)]
-      x = layer.attend(q, segments, head_mask=head_masks[i], ffn_mask=ffn_masks[i],
-                       train=train)
+      x = attend(layer, q, segments, head_masks[i], ffn_masks[i])
       self.sow("intermediates", f"mmt_out_{i}", x)
     return (x[:, start:] if full else x), kvs
 

@@ -66,6 +66,14 @@ def test_unknown_model_field_and_sweep_names():
   config.model.mmt_head = (2,)
   assert any(p.startswith("model.mmt_head: not a TapConfig field")
              for p in _problems(lambda c: None, config))
+  config = synthetic.get_config("tiny")
+  config.model.unlock()
+  config.model.remat = True
+  config_checks.validate(config)  # a valid switch
+  config = synthetic.get_config("tiny")
+  config.model.unlock()
+  config.model.remat = "yes"
+  assert _problems(lambda c: None, config) == ["model.remat='yes': expected True or False"]
   problems = _problems(lambda c: c.sweep.update(criteria=("lfpr", "snip"),
                                                 restorations=("magic",)),
                        sweep_synthetic.get_config("tiny"))

@@ -229,3 +229,38 @@ def test_bfloat16_runs_every_matmul_on_bfloat16_inputs():
   assert backward[34:] == [[bf16, bf16, bf16]] * (2 * 34)
   # float32 (the default) has no bfloat16 anywhere, forward or backward.
   assert {tuple(d) for d in dots(SMALL, grad=True)} == {(f32, f32, f32)}
+@pytest.mark.parametrize("train", [False, True])
+def test_remat_keeps_param_names_outputs_and_gradients(train):
+  # BASE has a layer without heads and one without FFN neurons; learnable masks and
+  # mask arguments go through the rematerialised MMT layers too.
+  config = dataclasses.replace(BASE, learnable_masks=True, hidden_dropout=0.2)
+  remat = dataclasses.replace(config, remat=True)
+  paths = lambda c: [jax.tree_util.keystr(p) for p, _ in
+                     jax.tree_util.tree_leaves_with_path(abstract_params(c))]
+  assert paths(remat) == paths(config)
+  params = random_params(config, seed=1)
+  raw = random_batch(config, 3, seed=2)
+  full = model_inputs(raw, config, with_targets=True)
+  targets, loss_mask = full.pop("targets"), full.pop("train_loss_mask")
+  rng = np.random.default_rng(4)
+  head_mask = [jnp.asarray(rng.random(h), jnp.float32) for h in config.mmt_heads]
+
+  def loss_and_grads(c):
+    def loss_fn(p):
+      scores = TAP(c).apply({"params": p}, full, train=train, head_mask=head_mask,
+                            rngs={"dropout": jax.random.key(7)} if train else {})
+      return m4c_decoding_bce(scores, targets, loss_mask)
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+  (loss, grads), (loss_r, grads_r) = loss_and_grads(config), loss_and_grads(remat)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  flat, flat_r = (jax.tree_util.tree_leaves_with_path(g) for g in (grads, grads_r))
+  assert [p for p, _ in flat] == [p for p, _ in flat_r]
+  for (path, g), (_, g_r) in zip(flat, flat_r):
+    scale = max(float(np.abs(g).max()), 1e-6)
+    np.testing.assert_allclose(g_r, g, atol=1e-5 * scale, rtol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  # The text-BERT and every MMT layer receive gradients (the comparison is not vacuous).
+  assert float(np.abs(grads["text_bert"]["layer_0"]["ffn"]["wi"]["kernel"]).max()) > 0
+  assert float(np.abs(grads["mmt_layer_0"]["attention"]["head_mask"]).max()) > 0
