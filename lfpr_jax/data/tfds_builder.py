@@ -54,6 +54,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 import tqdm
 
 from lfpr_jax import cli
@@ -414,6 +415,20 @@ def _quiet_custom_config_warning() -> Iterator[None]:
     logger.removeFilter(f)
 
 
+@contextlib.contextmanager
+def _without_tfds_bars() -> Iterator[None]:
+  """TFDS's own bars ("Generating splits... 0/1", "Generating train examples...: N
+  examples" with no total, "Shuffling ...") describe its internal steps, not the
+  questions built; our bar (one per split, total = its questions) is the progress a
+  user reads. TFDS keeps the switch module-wide, so it is restored afterwards."""
+  previous = tqdm_utils._active  # pylint: disable=protected-access
+  tqdm_utils.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tqdm_utils.display_progress_bar(previous)
+
+
 def dataset_dir(out_dir: str | os.PathLike, dataset: str, split: str) -> str:
   """Where `build_dataset` puts one split."""
   return os.path.join(os.fspath(out_dir), BUILDER_NAME, f"{dataset}_{split}",
@@ -490,7 +505,9 @@ def build_dataset(data_dir: str | os.PathLike | None,
           data_dir=out_dir)
     if reason:
       download_dir = os.path.join(out_dir, BUILDER_NAME, ".downloads")
-      builder.download_and_prepare(file_format=FILE_FORMAT, download_dir=download_dir)
+      with _without_tfds_bars():
+        builder.download_and_prepare(file_format=FILE_FORMAT,
+                                     download_dir=download_dir)
       if not any(files for _, _, files in os.walk(download_dir)):
         shutil.rmtree(download_dir, ignore_errors=True)  # TFDS's empty scaffolding
       _write_inputs(target, inputs)
