@@ -92,8 +92,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(config, workdir: str) -> None:
   """Runs the driver the config and flags ask for and prints its table."""
   # Compiled programs persist in the workdir: a resumed or repeated run skips most of
-  # the compile time (minutes for the full-size model on a GPU).
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  # the compile time (minutes for the full-size model on a GPU). A cache the user
+  # chose (JAX_COMPILATION_CACHE_DIR, e.g. one shared by several workdirs) is kept.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   is_main = jax.process_index() == 0
   if _QUESTION_ONLY.value:
     summary = base_model.question_only(config, workdir)

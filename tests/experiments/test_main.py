@@ -15,10 +15,15 @@ from lfpr_jax.training import optim
 from tests.conftest import REPO
 
 
-def _main(workdir, *extra, config="configs/synthetic.py:tiny"):
+def _main(workdir, *extra, config="configs/synthetic.py:tiny", cache=None):
+  """Runs main; `cache`: a compilation cache shared with other workdirs (every program,
+  however quick to compile, is cached, so later runs skip compiling)."""
   cmd = [sys.executable, "-m", "lfpr_jax.main", f"--config={config}",
          f"--workdir={workdir}", *extra]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,
                         timeout=900)
 
@@ -60,10 +65,11 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   assert table(again.stdout) == table(out.stdout)
   assert "reusing" in again.stderr and "ReSt" not in again.stderr
   # A run in a fresh workdir prints the same results (deterministic, fixed steps).
-  fresh = _main(tmp_path / "fresh")
+  fresh = _main(tmp_path / "fresh", cache=tmp_path / "jax_cache")
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   results = lambda text: text[text.index("| target"):text.index("| measured speed")]
   assert results(fresh.stdout) == results(out.stdout)
+  assert not (tmp_path / "fresh" / "jax_cache").exists()  # the shared cache served it
   # A different ReSt rate is refused with one line naming the key and what it
   # invalidates; --invalidate recomputes only that and keeps the base model.
   bad = _main(tmp_path, "--config.rest.lr=0.1")
