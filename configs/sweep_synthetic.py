@@ -11,10 +11,11 @@ results.{md,csv}, per_seed.csv, accuracy_vs_params.png and metadata.json.
 
 Variants (combine with flags, e.g. --config.sweep.seeds=5):
   `:full`   adds full fine-tuning, Kwon's retraining-free restoration (`kwon`) and its
-            label-free variant (`kwon_lf`), and the FLOPs (MACs) constraint beside
-            the parameter one (`sweep.costs`).
+            label-free variant (`kwon_lf`), and the FLOPs (MACs) and latency (this
+            device's measured MMT table) constraints beside the parameter one
+            (`sweep.costs`).
   `:flops`  the default grid with the constraint on MACs only ("best model at a
-            given speed").
+            given speed"); `:latency` the same on measured latency.
   `:tiny`   the CI smoke variant: one seed (run in the workdir itself, so it reuses
             the data, base model, t* and pseudo-labels of configs/synthetic.py:tiny),
             one constraint, every restoration.
@@ -33,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       criteria=("lfpr", "lfpr_ps", "l1", "alg", "fisher"),
       restorations=("none", "rest"),
       constraints=(0.2, 0.4, 0.6, 0.8),
-      costs=("params",),            # and/or "flops" (Kwon's MAC constraint)
+      costs=("params",),  # and/or "flops" (Kwon's MACs), "latency" (measured table)
       # Seeds: each shifts `seed` and `data.synthetic.seed` (a new dataset and base
       # model per seed, in <workdir>/seed_<i>/); 1 runs in the workdir itself.
       seeds=3,
@@ -52,9 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         constraints=(0.4,), kwon_tune_samples=32, seeds=1,
                         restorations=ALL_RESTORATIONS)
   elif arg == "full":
-    config.sweep.update(restorations=ALL_RESTORATIONS, costs=("params", "flops"))
-  elif arg == "flops":
-    config.sweep.costs = ("flops",)
+    config.sweep.update(restorations=ALL_RESTORATIONS,
+                        costs=("params", "flops", "latency"))
+  elif arg in ("flops", "latency"):
+    config.sweep.costs = (arg,)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; known: 'tiny', 'full', 'flops'.")
+    raise ValueError(f"unknown variant {arg!r}; known: 'tiny', 'full', 'flops', 'latency'.")
   return config

@@ -33,7 +33,7 @@ from lfpr_jax.models.batch import MODEL_INPUTS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.tap import TAP
-from lfpr_jax.pruning import pseudo_labels, tstar
+from lfpr_jax.pruning import latency, pseudo_labels, selection, tstar
 from lfpr_jax.training import checkpointing, parallel
 from lfpr_jax.training import evaluate as evaluation
 
@@ -370,3 +370,23 @@ def labels_stage(s: Setup) -> tuple[pseudo_labels.PseudoLabels, float]:
 
 def log_reuse(what: str, path: str) -> None:
   logging.info("%s: reusing %s", what, path)
+
+
+def select_budget(s: Setup, head: np.ndarray, ffn: np.ndarray, constraint: float, *,
+                  cost: str, strict_budget: bool, round_to: int = 0
+                  ) -> selection.Selection:
+  """The `sum` selection keeping `constraint` of the MMT's cost `cost`.
+
+  `cost`: "params" (upstream LFPR), "flops" (Kwon's MACs) or "latency" (this device's
+  measured MMT latency table at batch `prune.latency_batch`, timed once per workdir
+  and kept in `<stage dir>/latency/`; `strict_budget` does not apply: the latency
+  search always meets its budget). FFN widths are rounded to `round_to` (0: any).
+  """
+  if cost == "latency":
+    table = latency.measure_table(s.base_config, batch_size=s.config.prune.latency_batch,
+                                  cache_dir=s.path("latency"))
+    return latency.select_latency(head, ffn, constraint, costs=table, round_to=round_to)
+  kw = (dict(config=s.base_config) if cost == "params"
+        else dict(costs=selection.constraint_costs(s.base_config, cost)))
+  return selection.select_sum(head, ffn, constraint, strict_budget=strict_budget,
+                              round_to=round_to, **kw)

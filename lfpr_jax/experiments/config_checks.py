@@ -107,7 +107,7 @@ def _check_model(c: Checker) -> None:
 
 
 def _check_sweep(c: Checker) -> None:
-  from lfpr_jax.pruning import criteria, selection  # noqa: PLC0415  (sweep only)
+  from lfpr_jax.pruning import criteria  # noqa: PLC0415  (sweep only)
   known = tuple(criteria.CRITERIA) + SWEEP_EXTRA_CRITERIA
   c.check("sweep.criteria", lambda v: len(v) > 0 and all(x in known for x in v)
           and len(set(v)) == len(v), "a non-empty list of distinct names from "
@@ -118,7 +118,7 @@ def _check_sweep(c: Checker) -> None:
           "a non-empty list of distinct names from " + ", ".join(RESTORATIONS))
   c.check("sweep.constraints", lambda v: len(v) > 0 and all(0 < x <= 1 for x in v),
           "a non-empty list of kept fractions in (0, 1]")
-  kinds = tuple(selection.COST_KINDS)
+  kinds = COSTS
   c.check("sweep.costs", lambda v: not isinstance(v, str) and len(v) > 0
           and all(x in kinds for x in v) and len(set(v)) == len(v),
           "a non-empty list of distinct cost kinds from " + ", ".join(kinds))

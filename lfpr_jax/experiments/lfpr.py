@@ -96,15 +96,8 @@ def select(config: ml_collections.ConfigDict, s: common.Setup, target: Target,
   p = config.prune
   if target.heuristic == "thre":
     return selection.select_thre(head, ffn, target.value, config=s.base_config)
-  if p.cost == "latency":
-    table = latency.measure_table(s.base_config, batch_size=p.latency_batch,
-                                  cache_dir=s.path("latency"))
-    return latency.select_latency(head, ffn, target.value, costs=table,
-                                  round_to=p.round_to)
-  kw = (dict(config=s.base_config) if p.cost == "params"
-        else dict(costs=selection.flops_costs(s.base_config)))
-  return selection.select_sum(head, ffn, target.value, strict_budget=p.strict_budget,
-                              round_to=p.round_to, **kw)
+  return common.select_budget(s, head, ffn, target.value, cost=p.cost,
+                             strict_budget=p.strict_budget, round_to=p.round_to)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,

@@ -236,10 +236,9 @@ def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
   def compute():
     os.makedirs(directory, exist_ok=True)
     t0 = time.time()
-    kw = (dict(config=s.base_config) if cell.cost == "params"
-          else dict(costs=selection.constraint_costs(s.base_config, cell.cost)))
-    sel = selection.select_sum(crit_scores.head, crit_scores.ffn, cell.constraint,
-                               strict_budget=config.sweep.strict_budget, **kw)
+    sel = common.select_budget(s, crit_scores.head, crit_scores.ffn, cell.constraint,
+                               cost=cell.cost, strict_budget=config.sweep.strict_budget,
+                               round_to=config.prune.round_to)
     params, pconfig, info, trainable = _restore(cell, s, sel, crit_scores, lfpr_scores,
                                                 labels, directory)
     restore_seconds = time.time() - t0
@@ -280,8 +279,8 @@ CELL_KEYS = ("cost", "constraint", "criterion", "restoration")
 
 
 def _row_order(r: Mapping[str, Any]) -> tuple:
-  return (selection.COST_KINDS.index(r["cost"]) if r["cost"] in selection.COST_KINDS
-          else len(selection.COST_KINDS), r["cost"], r["constraint"], r["method"])
+  return (config_checks.COSTS.index(r["cost"]) if r["cost"] in config_checks.COSTS
+          else len(config_checks.COSTS), r["cost"], r["constraint"], r["method"])
 
 
 def format_markdown(rows: list[dict], unpruned: float) -> str:

@@ -19,14 +19,14 @@ def test_grid_and_bad_names():
   assert {c.criterion for c in cells} == {"lfpr", "lfpr_ps", "l1", "alg", "fisher"}
   assert {c.cost for c in cells} == {"params"}
   assert get_config().sweep.seeds == 3 and get_config("tiny").sweep.seeds == 1
-  # :full: every restoration and both costs; kwon_lf only with label-free criteria.
+  # :full: every restoration and every cost; kwon_lf only with label-free criteria.
   full = sweep.cells_of(get_config("full"))
-  assert len(full) == 2 * 4 * (5 * 5 - 2)
+  assert len(full) == 3 * 4 * (5 * 5 - 2)
   lf = {c.criterion for c in full if c.restoration == "kwon_lf"}
   assert lf == {"lfpr", "lfpr_ps", "l1"}
   assert {(c.criterion, c.restoration) for c in full} >= {("lfpr_ps", "finetune"),
                                                           ("fisher", "kwon")}
-  assert {c.cost for c in full} == {"params", "flops"}
+  assert {c.cost for c in full} == {"params", "flops", "latency"}
   assert len({c.name for c in full}) == len(full)
   assert sweep.Cell("lfpr", "kwon_lf", 0.4, "flops").name == "lfpr-kwon_lf-flops-0.4"
   tiny = sweep.cells_of(get_config("tiny"))
@@ -34,14 +34,15 @@ def test_grid_and_bad_names():
                                            "kwon_lf"}
   assert {c.criterion for c in tiny} == {"lfpr", "fisher"} and len(tiny) == 9
   assert [c.cost for c in sweep.cells_of(get_config("flops"))] == ["flops"] * 40
+  assert [c.cost for c in sweep.cells_of(get_config("latency"))] == ["latency"] * 40
   for key, value, match in (
       ("criteria", ("lfpr", "magnitude"), "sweep.criteria=.*expected a non-empty list "
        "of distinct names from lfpr, l1, alg, fisher, owo, lfpr_ps"),
       ("criteria", ("lfpr", "lfpr"), "sweep.criteria="),
       ("restorations", ("retrain",), "sweep.restorations=.*none, rest, finetune, "
        "kwon, kwon_lf"),
-      ("costs", ("latency",), "sweep.costs=\\('latency',\\): expected a non-empty "
-       "list of distinct cost kinds from params, flops"),
+      ("costs", ("seconds",), "sweep.costs=\\('seconds',\\): expected a non-empty "
+       "list of distinct cost kinds from params, flops, latency"),
       ("costs", (), "sweep.costs=\\(\\)"),
       ("seeds", 0, "sweep.seeds=0: expected an integer >= 1"),
       ("constraints", (0.0,), "sweep.constraints=.*\\(0, 1\\]"),
@@ -229,7 +230,7 @@ def test_run_seeds_runs_each_seed_in_its_subdir(tmp_path, monkeypatch):
   assert meta["config"]["sweep"]["seeds"] == 3
   assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
   bad = get_config()
-  bad.sweep.costs = ("latency",)
+  bad.sweep.costs = ("seconds",)
   with pytest.raises(stages.ConfigError, match="sweep.costs"):
     sweep.run(bad, str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists()
