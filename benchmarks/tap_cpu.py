@@ -29,7 +29,9 @@ timed `--repeats` times with `jax.block_until_ready`. Stages:
 
 `--isolate` runs every stage in a fresh subprocess, so each stage's `peak_rss_mb`
 is its own (the in-process peak RSS only grows). `--remat` runs the model with
-`TapConfig.remat` (every text-BERT and MMT layer rematerialised in the backward pass). `--torch-json PATH` adds speed-ups
+`TapConfig.remat` (every text-BERT and MMT layer rematerialised in the backward pass).
+`--microbatches M` runs `train_step_adam` with `step.train_step(microbatches=M)`
+(gradients of M micro-batches accumulated in a `lax.scan`). `--torch-json PATH` adds speed-ups
 against a `benchmarks.torch_reference` result measured on the same machine.
 Output: a table on stdout, progress on stderr, JSON at `--out` (schema in
 benchmarks/README.md).
@@ -102,7 +104,13 @@ def parse_args(argv: Optional[Sequence[str]] = None
                  help="TapConfig.remat=True: rematerialise every text-BERT and MMT layer")
   p.add_argument("--no-donate", action="store_true",
                  help="train_step_adam without donating the train state to the step")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="train_step_adam: accumulate the gradients of this many "
+                      "micro-batches (a divisor of --batch)")
   args = p.parse_args(argv)
+  if args.microbatches < 1 or args.batch % args.microbatches:
+    p.error(f"--microbatches {args.microbatches}: expected a divisor of --batch "
+            f"{args.batch}")
   return args, common.validate_args(p, args, STAGES)
 
 
@@ -250,7 +258,8 @@ def adam_stage(model: TAP, params: PyTree, inputs: dict[str, Array], targets: Ar
   # A copy: donation deletes the state's buffers, and the later stages read `params`.
   state = init_state(jax.tree.map(jnp.copy, params), tx)
   batch = {**inputs, "targets": targets, "train_loss_mask": loss_mask}
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx),
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                   microbatches=args.microbatches),
                  donate_argnums=() if args.no_donate else (0,))
   common.log(f"[{label}] compiling ...")
   t0 = time.perf_counter()
@@ -268,8 +277,11 @@ def adam_stage(model: TAP, params: PyTree, inputs: dict[str, Array], targets: Ar
   first, times = common.time_calls(label, call, args.repeats)
   notes = ("state not donated" if args.no_donate else
            "state donated (donate_argnums=(0,), as make_train_step)")
+  if args.microbatches > 1:
+    notes += f"; {args.microbatches} micro-batches of {args.batch // args.microbatches}"
   return record(first, times, compile_s, notes,
-                {**est, "donated": not args.no_donate})
+                {**est, "donated": not args.no_donate,
+                 "microbatches": args.microbatches})
 
 
 def run_in_subprocess(stage: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -280,7 +292,8 @@ def run_in_subprocess(stage: str, args: argparse.Namespace) -> dict[str, Any]:
            "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--seed", str(args.seed), "--stages", stage, "--out", out, "--quiet",
            "--torch-json", ""] + (["--remat"] if args.remat else []) + (
-               ["--no-donate"] if args.no_donate else [])
+               ["--no-donate"] if args.no_donate else []) + [
+                   "--microbatches", str(args.microbatches)]
     common.log(f"[{stage}] fresh subprocess: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0 or not os.path.exists(out):
@@ -333,7 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   model = TAP(config)
 
   result = common.result_skeleton("jax", args, stages, config, num_params, machine)
-  result["settings"].update(remat=args.remat, donate=not args.no_donate)
+  result["settings"].update(remat=args.remat, donate=not args.no_donate,
+                            microbatches=args.microbatches)
   result["stages"] = {}
   t_start = time.perf_counter()
   for i, stage in enumerate(stages):

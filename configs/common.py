@@ -75,6 +75,10 @@ def rest_section(model: str, dataset: str, **overrides) -> ml_collections.Config
       lr=5e-5, mask_lr=1e-3, clip_norm=0.25, batch_size=16,
       loss_shards=1,             # faithful: 2 (two GPUs of 8, losses averaged)
       fixed_dropout_key=False,   # faithful: True (torch re-seeded every forward)
+      # Gradient accumulation over this many micro-batches per step (a divisor of
+      # batch_size): less activation memory; the same step with dropout off, other
+      # dropout masks (same distribution) with dropout on.
+      microbatches=1,
       seed=0, subset_seed=0, ckpt_every=100,
   ))
   section.update(overrides)

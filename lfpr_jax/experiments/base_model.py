@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             warmup_factor=o.warmup_factor,
                             decay_steps=tuple(o.decay_steps),
                             decay_ratio=o.decay_ratio, clip_norm=o.clip_norm)
-  step_fn = make_train_step(model, tx, mesh)
+  step_fn = make_train_step(model, tx, mesh, microbatches=t.get("microbatches", 1))
   predict = make_predict(model, mesh, data.vocab.bos_idx)
   loader = make_loader(data.built_dir, "train", local_batch, seed=config.seed,
                        num_epochs=None)

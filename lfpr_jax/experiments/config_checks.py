@@ -72,6 +72,21 @@ def _check_prune_rest(c: Checker) -> None:
   if isinstance(rb, int) and isinstance(ls, int) and rb > 0 and ls > 0 and rb % ls:
     c.problems.append(f"rest.batch_size={rb}: expected a multiple of "
                       f"rest.loss_shards={ls}")
+  _check_microbatches(c, "rest")
+
+
+def _check_microbatches(c: Checker, section: str) -> None:
+  """`<section>.microbatches` (optional, default 1): an integer >= 1 dividing
+  `<section>.batch_size`."""
+  key = f"{section}.microbatches"
+  if c.get(key) is None:
+    return
+  c.int_at_least(key, 1)
+  m, b = c.get(key), c.get(f"{section}.batch_size")
+  if (isinstance(m, int) and not isinstance(m, bool) and isinstance(b, int)
+      and m >= 1 and b >= 1 and b % m):
+    c.problems.append(f"{key}={m}: expected a divisor of {section}.batch_size={b} "
+                      "(the batch is split into equal micro-batches)")
   # Every target needs its (retrain %, k) in the schedule of its heuristic.
   heuristic = c.get("prune.heuristic")
   if heuristic in HEURISTICS and not c.problems:
@@ -167,6 +182,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if c.get("data.dataset") == "synthetic" or c.get("train") is not None:
     for key in ("train.batch_size", "train.num_steps", "train.log_every"):
       c.int_at_least(key, 1)
+    _check_microbatches(c, "train")
     c.int_at_least("train.eval_every", 0)
     c.positive("optim.lr")
     c.positive("optim.clip_norm")

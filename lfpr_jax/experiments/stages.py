@@ -89,7 +89,8 @@ def save_json(path: str, value: Any) -> None:
 # Config keys added after workdirs may have been written: a run record or stage sidecar
 # without one was produced at this value (so an old workdir stays reusable as long as
 # the key keeps it).
-ADDED_KEYS = {"compute_dtype": "float32"}
+ADDED_KEYS = {"compute_dtype": "float32", "train.microbatches": 1,
+              "rest.microbatches": 1}
 
 
 def _with_added_keys(stored: Mapping[str, Any], current: Mapping[str, Any]

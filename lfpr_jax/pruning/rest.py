@@ -51,6 +51,7 @@ class RestSettings:
   batch_size: int = 16
   loss_shards: int = 1
   fixed_dropout_key: bool = False
+  microbatches: int = 1  # gradient accumulation (`step.train_step`)
   seed: int = 0
   ckpt_every: int = 100
 
@@ -61,7 +62,7 @@ class RestSettings:
 
     Args:
       section: `config.rest` (lr, mask_lr, clip_norm, batch_size, loss_shards,
-        fixed_dropout_key, seed, ckpt_every).
+        fixed_dropout_key, microbatches, seed, ckpt_every).
       percent, layers: the target's retraining % and trailing MMT layers.
       **overrides: fields to replace (e.g. the sweep's fine-tuning rates).
     """

@@ -206,6 +206,7 @@ class SubsetSettings(Protocol):
   batch_size: int
   loss_shards: int
   fixed_dropout_key: bool
+  microbatches: int
   seed: int
   ckpt_every: int
 
@@ -286,7 +287,8 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
 
   step_fn = make_train_step(TAP(model_config), tx, mesh,
                             loss_shards=settings.loss_shards,
-                            fixed_dropout_key=settings.fixed_dropout_key)
+                            fixed_dropout_key=settings.fixed_dropout_key,
+                            microbatches=settings.microbatches)
   state, summary = run_steps(
       step_fn, state, frozen, batches_from, rng, num_steps=num_steps, mesh=mesh,
       directory=os.path.join(directory, "ckpt"), loader=loader,

@@ -4,6 +4,11 @@
 and `make_predict` jit it over a `data` mesh. Which parameters train and at which rates
 is `optim`'s job; the loop around the step is `loop.run_steps`; scoring predictions is
 `evaluate`.
+
+`microbatches=M > 1` accumulates the gradient of M micro-batches in a `lax.scan`
+inside the step (one optimiser update), so only one micro-batch's activations are live
+at a time: the same step up to float summation noise with dropout off, at a fraction of
+the activation memory.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from lfpr_jax.models.decoding import greedy_decode
-from lfpr_jax.models.losses import m4c_decoding_bce
+from lfpr_jax.models.losses import m4c_bce_per_sample, m4c_decoding_bce
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import parallel
 from lfpr_jax.training.optim import merge_params
@@ -58,26 +63,118 @@ def sharded_loss(scores: Array, targets: Array, loss_mask: Array, shards: int = 
                                               split(loss_mask)))
 
 
+def sample_weights(loss_mask: Array, shards: int = 1) -> Array:
+  """Per-sample weights that turn summed per-sample BCEs into `sharded_loss`.
+
+  `sum_b w_b * m4c_bce_per_sample(...)_b` equals `sharded_loss(..., shards)` (up to
+  float summation order) for any grouping of the samples, which lets micro-batches of
+  a batch each contribute their exact share of the whole batch's loss.
+
+  Args:
+    loss_mask: `[B, T]` of the whole batch, 1 on supervised decoding steps.
+    shards: loss shards (see `sharded_loss`); B must be divisible by it.
+
+  Returns:
+    `[B]` float32: w_b = 1 / (shards * max(supervised steps of b's shard, 1)).
+  """
+  b = loss_mask.shape[0]
+  if b % shards:
+    raise ValueError(f"batch {b} is not divisible into {shards} loss shards.")
+  steps = jnp.sum(loss_mask.astype(jnp.float32).reshape(shards, -1), axis=1)  # [S]
+  w = 1.0 / (shards * jnp.maximum(steps, 1.0))
+  return jnp.repeat(w, b // shards)
+
+
+def split_microbatches(batch: Mapping[str, Array], microbatches: int
+                       ) -> dict[str, Array]:
+  """`[B, ...]` fields as `[M, B/M, ...]`; micro-batch m holds rows m, m+M, m+2M, ...
+
+  Strided rather than contiguous rows: with the batch sharded on `data` in contiguous
+  blocks, every device then keeps its share of every micro-batch (when B/M is
+  divisible by the device count), so the micro-batches stay data-parallel.
+
+  Raises:
+    ValueError: a field's leading dimension is not divisible by `microbatches`, or
+      the fields disagree on the batch size.
+  """
+  sizes = {k: v.shape[0] if v.ndim else None for k, v in batch.items()}
+  if len(set(sizes.values())) != 1 or None in sizes.values():
+    raise ValueError(f"every batch field needs the same leading batch dimension to "
+                     f"split into micro-batches, got {sizes}.")
+  b = next(iter(sizes.values()))
+  if b % microbatches:
+    raise ValueError(f"batch {b} is not divisible into {microbatches} micro-batches.")
+  return {k: jnp.swapaxes(v.reshape((b // microbatches, microbatches) + v.shape[1:]),
+                          0, 1) for k, v in batch.items()}
+
+
 def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
                rng: Array, *, model: TAP, tx: optax.GradientTransformation,
-               loss_shards: int = 1, fixed_dropout_key: bool = False
-               ) -> tuple[TrainState, dict[str, Array]]:
+               loss_shards: int = 1, fixed_dropout_key: bool = False,
+               microbatches: int = 1) -> tuple[TrainState, dict[str, Array]]:
   """One optimiser step on the M4C decoding BCE with dropout on (pure).
 
   Only `state.params` (the trainable subtree) is differentiated, so the clipping norm
   of `tx` sees trainable gradients only. `fixed_dropout_key` reuses `rng` at every
   step (upstream re-seeds torch to 0 in every forward); otherwise the key is folded
   with the step number.
+
+  The loss is `sharded_loss` of the whole batch, written as a weighted sum of
+  per-sample BCE sums (`sample_weights`, from the whole batch's `train_loss_mask`).
+  With `microbatches=M > 1` the batch is split into M micro-batches
+  (`split_microbatches`) and a `lax.scan` accumulates each one's weighted loss and
+  float32 gradient, so only one micro-batch's activations are live; one optimiser
+  update follows. With dropout off this equals the one-shot step up to float
+  summation noise. With dropout on, micro-batch m draws its masks from
+  `fold_in(dropout key, m)`: the same distribution as the one-shot step, other masks.
+
+  Args:
+    state: trainable params and optimiser state.
+    frozen: the parameters that do not train.
+    batch: `STEP_FIELDS`, every field `[B, ...]`.
+    rng: the dropout key.
+    model, tx: the model and the optimiser.
+    loss_shards: see `sharded_loss`.
+    fixed_dropout_key: reuse `rng` at every step.
+    microbatches: M, a divisor of B (1: the whole batch in one pass).
+
+  Returns:
+    (new state, {"loss", "grad_norm"} of the whole batch).
+
+  Raises:
+    ValueError: B is not divisible by `microbatches` or `loss_shards`.
   """
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}.")
   dropout_rng = rng if fixed_dropout_key else jax.random.fold_in(rng, state.step)
+  weights = sample_weights(batch["train_loss_mask"], loss_shards)
 
-  def loss_fn(trainable):
-    scores = model.apply({"params": merge_params(trainable, frozen)}, batch,
-                         train=True, rngs={"dropout": dropout_rng})
-    return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
-                        loss_shards)
+  def loss_fn(trainable, part, w, key):
+    scores = model.apply({"params": merge_params(trainable, frozen)}, part,
+                         train=True, rngs={"dropout": key})
+    return jnp.sum(w * m4c_bce_per_sample(scores, part["targets"],
+                                          part["train_loss_mask"]))
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn)
+  if microbatches == 1:
+    loss, grads = grad_fn(state.params, batch, weights, dropout_rng)
+  else:
+    parts = split_microbatches({**batch, "weights": weights}, microbatches)
+
+    def accumulate(carry, xs):
+      index, part = xs
+      fields = {k: v for k, v in part.items() if k != "weights"}
+      loss, grads = grad_fn(state.params, fields, part["weights"],
+                            jax.random.fold_in(dropout_rng, index))
+      total_loss, total = carry
+      total = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, grads)
+      return (total_loss + loss.astype(jnp.float32), total), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(microbatches), parts))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -85,14 +182,21 @@ def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
 
 
 def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    loss_shards: int = 1, fixed_dropout_key: bool = False
-                    ) -> Callable[..., tuple[TrainState, dict]]:
-  """`train_step` jitted over the mesh: batch sharded on `data`, the rest replicated."""
+                    loss_shards: int = 1, fixed_dropout_key: bool = False,
+                    microbatches: int = 1) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step` jitted over the mesh: batch sharded on `data`, the rest replicated.
+
+  `microbatches`: see `train_step` (B must be divisible by it; for data parallelism
+  B / microbatches should be divisible by the device count).
+  """
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}.")
   rep = parallel.replicated(mesh)
   return jax.jit(
       lambda s, f, b, r: train_step(s, f, b, r, model=model, tx=tx,
                                     loss_shards=loss_shards,
-                                    fixed_dropout_key=fixed_dropout_key),
+                                    fixed_dropout_key=fixed_dropout_key,
+                                    microbatches=microbatches),
       in_shardings=(rep, rep, parallel.data_sharded(mesh), rep),
       out_shardings=(rep, rep), donate_argnums=(0,))
 

@@ -142,3 +142,14 @@ def test_outputs_written_before_a_key_existed_count_at_its_added_value(tmp_path)
   with pytest.raises(ValueError, match=r"compute_dtype \('float32' -> 'bfloat16'\)"):
     stages.check_run_record(new, str(tmp_path), stage_dir, stage_list)
   assert (tmp_path / "lfpr" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("key", ["train.microbatches", "rest.microbatches"])
+def test_microbatches_added_later_count_as_one(tmp_path, key):
+  """Outputs from before `*.microbatches` existed are reused at 1 and refused at 2."""
+  path = str(tmp_path / "out.json")
+  stages.cached(path, lambda: {"v": 1}, depends_on={"seed": 0})
+  assert stages.cached(path, lambda: {"v": 9},
+                       depends_on={"seed": 0, key: 1})[0] == {"v": 1}
+  with pytest.raises(stages.StageError, match=rf"differs in {key}"):
+    stages.cached(path, lambda: {}, depends_on={"seed": 0, key: 2})

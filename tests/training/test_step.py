@@ -1,17 +1,22 @@
-"""The data-parallel train step: loss decreases, frozen params stay, 1 device == 4."""
+"""The data-parallel train step: loss decreases, frozen params stay, 1 device == 4,
+micro-batches == one pass."""
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import optim, parallel
-from lfpr_jax.training.step import init_state, make_predict, make_train_step, sharded_loss
-from tests.helpers import BASE, random_batch
+from lfpr_jax.training.step import (init_state, make_predict, make_train_step,
+                                    sample_weights, sharded_loss, train_step)
+from tests.helpers import BASE, TINY, labelled_batch, random_batch, random_params
 
 CONFIG = dataclasses.replace(BASE, learnable_masks=True, hidden_dropout=0.0,
                              attention_dropout=0.0, obj_dropout=0.0, ocr_dropout=0.0)
@@ -87,3 +92,146 @@ def test_predict_is_replicated_argmax():
 def test_batch_must_divide_devices():
   with pytest.raises(ValueError, match="not divisible"):
     parallel.check_batch_size(6, parallel.make_mesh(jax.devices()[:4]))
+
+
+# ---------------------------------------------------------------- micro-batches
+
+# SGD at rate 1 that also keeps the last gradient as its state, so the gradients are
+# compared exactly as the step computed them (Adam's first step would amplify noise
+# on near-zero entries).
+SGD = optax.chain(
+    optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                 lambda g, s, p=None: (g, g)),
+    optax.sgd(1.0))
+
+
+def _micro_setup(batch_size=8):
+  params = random_params(TINY, 0)
+  rules = [(r"^mmt_layer_1/", "base"), (r"^classifier", "base")]
+  trainable, frozen = optim.split_params(params, rules)
+  batch = labelled_batch(batch_size, 3)
+  # Unequal supervised steps per sample and one sample without any, so the
+  # normalisation by the whole batch's (or shard's) step count matters.
+  mask = batch["train_loss_mask"].copy()
+  mask[1] = 0
+  batch["train_loss_mask"] = mask
+  assert len(set(mask.sum(axis=1))) > 2
+  return trainable, frozen, batch
+
+
+@functools.partial(jax.jit, static_argnames=("loss_shards", "microbatches"))
+def _micro_step(trainable, frozen, batch, *, loss_shards, microbatches):
+  return train_step(init_state(trainable, SGD), frozen, batch, jax.random.key(5),
+                    model=TAP(TINY), tx=SGD, loss_shards=loss_shards,
+                    microbatches=microbatches)
+
+
+def _assert_steps_close(a, b):
+  """Equal loss, grad norm, gradients and SGD-updated params up to float summation
+  noise (gradients to 1e-6 of the largest gradient entry)."""
+  (sa, ma), (sb, mb) = a, b
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=2e-6)
+  np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=2e-6)
+  ga, gb = optim.flat(sa.opt_state[0]), optim.flat(sb.opt_state[0])
+  scale = max(np.abs(np.asarray(g)).max() for g in ga.values())
+  assert scale > 0
+  for p, g in ga.items():
+    np.testing.assert_allclose(np.asarray(gb[p]), np.asarray(g), rtol=0,
+                               atol=1e-6 * scale, err_msg=p)
+  pa, pb = optim.flat(sa.params), optim.flat(sb.params)
+  for p, v in pa.items():
+    np.testing.assert_allclose(np.asarray(pb[p]), np.asarray(v), rtol=1e-6,
+                               atol=1e-6 * scale, err_msg=p)
+
+
+@pytest.mark.parametrize("loss_shards", [1, 2])
+def test_microbatches_equal_one_pass(loss_shards):
+  trainable, frozen, batch = _micro_setup()
+  one = _micro_step(trainable, frozen, batch, loss_shards=loss_shards, microbatches=1)
+  assert float(one[1]["grad_norm"]) > 0
+  for m in (2, 4):
+    _assert_steps_close(one, _micro_step(trainable, frozen, batch,
+                                         loss_shards=loss_shards, microbatches=m))
+
+
+@pytest.mark.parametrize("loss_shards", [1, 2])
+def test_one_microbatch_is_the_sharded_loss_step(loss_shards):
+  """M = 1 is today's step: value_and_grad of `sharded_loss` of the whole batch."""
+  trainable, frozen, batch = _micro_setup()
+  model = TAP(TINY)
+
+  def loss_fn(t):
+    scores = model.apply({"params": optim.merge_params(t, frozen)}, batch, train=True)
+    return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
+                        loss_shards)
+  loss, grads = jax.value_and_grad(loss_fn)(trainable)
+  state, metrics = _micro_step(trainable, frozen, batch, loss_shards=loss_shards,
+                               microbatches=1)
+  ref = init_state(optax.apply_updates(trainable, jax.tree.map(jnp.negative, grads)),
+                   SGD)
+  ref = ref.replace(opt_state=(grads,) + tuple(ref.opt_state[1:]))
+  _assert_steps_close((ref,
+                       {"loss": loss, "grad_norm": optax.tree.norm(grads)}),
+                      (state, metrics))
+
+
+def test_sample_weights_make_the_sharded_loss():
+  rng = np.random.default_rng(0)
+  scores = rng.standard_normal((4, 3, 5)).astype(np.float32)
+  targets = (rng.random((4, 3, 5)) > 0.7).astype(np.float32)
+  mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]], np.float32)
+  from lfpr_jax.models.losses import m4c_bce_per_sample  # noqa: PLC0415
+  per_sample = m4c_bce_per_sample(scores, targets, mask)
+  for shards in (1, 2, 4):
+    w = sample_weights(mask, shards)
+    np.testing.assert_allclose(float(jnp.sum(w * per_sample)),
+                               float(sharded_loss(scores, targets, mask, shards)),
+                               rtol=1e-6)
+  np.testing.assert_allclose(sample_weights(mask, 2), [1 / 8, 1 / 8, 1 / 4, 1 / 4])
+
+
+def test_microbatches_must_divide_the_batch():
+  trainable, frozen, batch = _micro_setup(6)
+  with pytest.raises(ValueError, match="batch 6 is not divisible into 4 micro-batches"):
+    _micro_step(trainable, frozen, batch, loss_shards=1, microbatches=4)
+  with pytest.raises(ValueError, match="microbatches must be an integer >= 1"):
+    make_train_step(TAP(TINY), SGD, parallel.make_mesh(jax.devices()[:1]),
+                    microbatches=0)
+
+
+def test_microbatches_with_dropout_fold_the_index_into_the_key():
+  """Dropout on: micro-batch m uses fold_in(key, m), so the masks differ from the
+  one-pass step's but the step still runs and trains."""
+  config = dataclasses.replace(TINY, hidden_dropout=0.3)
+  trainable, frozen, batch = _micro_setup()
+  model = TAP(config)
+  step = functools.partial(train_step, frozen=frozen, batch=batch,
+                           rng=jax.random.key(5), model=model, tx=SGD)
+  one = step(init_state(trainable, SGD))[1]["loss"]
+  two = step(init_state(trainable, SGD), microbatches=2)[1]["loss"]
+  # The same micro-batch loss recomputed by hand with its folded key.
+  key = jax.random.fold_in(jax.random.key(5), 0)  # the step folds in state.step = 0
+  w = sample_weights(batch["train_loss_mask"])
+  from lfpr_jax.models.losses import m4c_bce_per_sample  # noqa: PLC0415
+  total = 0.0
+  for m in range(2):
+    part = {k: v[m::2] for k, v in batch.items()}
+    scores = model.apply({"params": optim.merge_params(trainable, frozen)}, part,
+                         train=True, rngs={"dropout": jax.random.fold_in(key, m)})
+    total += float(jnp.sum(w[m::2] * m4c_bce_per_sample(
+        scores, part["targets"], part["train_loss_mask"])))
+  np.testing.assert_allclose(float(two), total, rtol=1e-5)
+  assert not np.isclose(float(one), float(two), rtol=1e-5)  # noise: < 2e-6
+
+
+def test_microbatches_data_parallel_equal_single_device_one_pass():
+  """Strided micro-batches of a batch sharded on 4 devices == one pass on 1 device."""
+  trainable, frozen, batch = _micro_setup(16)
+  results = []
+  for devices, m in ((1, 1), (4, 2)):
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    step = make_train_step(TAP(TINY), SGD, mesh, loss_shards=2, microbatches=m)
+    state = parallel.replicate(init_state(jax.tree.map(np.array, trainable), SGD), mesh)
+    results.append(step(state, parallel.replicate(frozen, mesh),
+                        parallel.global_batch(batch, mesh), jax.random.key(5)))
+  _assert_steps_close(*results)
