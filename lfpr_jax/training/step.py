@@ -119,9 +119,9 @@ def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
   step (upstream re-seeds torch to 0 in every forward); otherwise the key is folded
   with the step number.
 
-  The loss is `sharded_loss` of the whole batch, written as a weighted sum of
-  per-sample BCE sums (`sample_weights`, from the whole batch's `train_loss_mask`).
-  With `microbatches=M > 1` the batch is split into M micro-batches
+  The loss is `sharded_loss` of the whole batch. With `microbatches=M > 1` it is
+  written as a weighted sum of per-sample BCE sums (`sample_weights`, from the whole
+  batch's `train_loss_mask`) and the batch is split into M micro-batches
   (`split_microbatches`) and a `lax.scan` accumulates each one's weighted loss and
   float32 gradient, so only one micro-batch's activations are live; one optimiser
   update follows. With dropout off this equals the one-shot step up to float
@@ -157,7 +157,14 @@ def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
 
   grad_fn = jax.value_and_grad(loss_fn)
   if microbatches == 1:
-    loss, grads = grad_fn(state.params, batch, weights, dropout_rng)
+    # The whole batch in one pass: `sharded_loss` as written (bit for bit the step of
+    # earlier versions, so recorded runs reproduce exactly).
+    def whole_loss(trainable):
+      scores = model.apply({"params": merge_params(trainable, frozen)}, batch,
+                           train=True, rngs={"dropout": dropout_rng})
+      return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
+                          loss_shards)
+    loss, grads = jax.value_and_grad(whole_loss)(state.params)
   else:
     parts = split_microbatches({**batch, "weights": weights}, microbatches)
 

@@ -164,10 +164,20 @@ class Golden:
     return (params, config, *(np.asarray(a) for a in jax.jit(run)(params, self.inputs)))
 
 
+@pytest.fixture(scope="session")
+def golden_runs() -> dict[str, Golden]:
+  """arch -> its `Golden`, kept for the session: pytest may set the module-scoped `g`
+  up again for an architecture (e.g. after the tap-only test in between), and that
+  must not recompute (or recompile) its runs."""
+  return {}
+
+
 @pytest.fixture(scope="module", params=[golden_files.arch_param(a) for a in ARCHS])
-def g(request, golden_models) -> Golden:
-  _, config, params = golden_models.get(request.param)
-  return Golden(request.param, config, params)
+def g(request, golden_models, golden_runs) -> Golden:
+  if request.param not in golden_runs:
+    _, config, params = golden_models.get(request.param)
+    golden_runs[request.param] = Golden(request.param, config, params)
+  return golden_runs[request.param]
 
 
 def assert_scores_close(got, want, valid, what):
