@@ -154,27 +154,6 @@ def test_microbatches_equal_one_pass(loss_shards):
                                          loss_shards=loss_shards, microbatches=m))
 
 
-@pytest.mark.parametrize("loss_shards", [1, 2])
-def test_one_microbatch_is_the_sharded_loss_step(loss_shards):
-  """M = 1 is today's step: value_and_grad of `sharded_loss` of the whole batch."""
-  trainable, frozen, batch = _micro_setup()
-  model = TAP(TINY)
-
-  def loss_fn(t):
-    scores = model.apply({"params": optim.merge_params(t, frozen)}, batch, train=True)
-    return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
-                        loss_shards)
-  loss, grads = jax.value_and_grad(loss_fn)(trainable)
-  state, metrics = _micro_step(trainable, frozen, batch, loss_shards=loss_shards,
-                               microbatches=1)
-  ref = init_state(optax.apply_updates(trainable, jax.tree.map(jnp.negative, grads)),
-                   SGD)
-  ref = ref.replace(opt_state=(grads,) + tuple(ref.opt_state[1:]))
-  _assert_steps_close((ref,
-                       {"loss": loss, "grad_norm": optax.tree.norm(grads)}),
-                      (state, metrics))
-
-
 def test_sample_weights_make_the_sharded_loss():
   rng = np.random.default_rng(0)
   scores = rng.standard_normal((4, 3, 5)).astype(np.float32)
