@@ -5,12 +5,21 @@ import os
 # Multi-device logic is tested on fake CPU devices; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run small programs once: compile time dominates them, and XLA's optimisation
+# passes cost more compile time than they save (the suite runs ~20% faster). They change
+# speed, not what is computed; the parity tests pass with the same tolerances either
+# way. Subprocesses started by the tests get the same setting (SUBPROCESS_ENV).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pathlib
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The environment of the command-line runs the tests start (one CPU device each).
+SUBPROCESS_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+                  "JAX_DISABLE_MOST_OPTIMIZATIONS":
+                      os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"]}
 
 
 class GoldenModels:

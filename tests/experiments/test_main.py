@@ -12,7 +12,7 @@ import pytest
 from lfpr_jax.pruning import delta
 from lfpr_jax.training import checkpointing
 from lfpr_jax.training import optim
-from tests.conftest import REPO
+from tests.conftest import REPO, SUBPROCESS_ENV
 
 
 def _main(workdir, *extra, config="configs/synthetic.py:tiny", cache=None):
@@ -20,8 +20,7 @@ def _main(workdir, *extra, config="configs/synthetic.py:tiny", cache=None):
   however quick to compile, is cached, so later runs skip compiling)."""
   cmd = [sys.executable, "-m", "lfpr_jax.main", f"--config={config}",
          f"--workdir={workdir}", *extra]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = {**SUBPROCESS_ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   if cache is not None:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env,

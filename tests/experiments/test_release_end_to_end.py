@@ -31,7 +31,7 @@ from converters import flax_to_torch
 from lfpr_jax.data import pipeline, tfds_builder
 from lfpr_jax.data import metrics as metric_fns
 from lfpr_jax.models.config import TapConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, SUBPROCESS_ENV
 from tests.converters import torch_writer
 from tests.data import release_mock as mock
 from tests.helpers import random_params
@@ -48,14 +48,10 @@ TABLE_LABELS = {"textvqa": ("val TextVQA acc unpruned",),
 # Evaluations of a target that write `<stem>.json` + `<stem>_predictions.json`.
 EVALS = ("eval_pruned", "eval_rest")
 
-# The subprocesses run on one CPU device (no inherited XLA_FLAGS).
-ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-
-
 def _cli(*args: str, env: dict | None = None, timeout: int = 600
          ) -> subprocess.CompletedProcess:
   out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                       text=True, env={**ENV, **(env or {})}, timeout=timeout)
+                       text=True, env={**SUBPROCESS_ENV, **(env or {})}, timeout=timeout)
   assert out.returncode == 0, (args[0], out.stdout[-2000:], out.stderr[-3000:])
   return out
 

@@ -27,6 +27,9 @@ from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.params import abstract_params, init_params
 from tests.helpers import setup_over
 
+# The module-scoped prepared data and base model are built once (on one worker).
+pytestmark = pytest.mark.xdist_group("lfpr_stages")
+
 
 # ------------------------------------------------------------- schedules, subsets
 

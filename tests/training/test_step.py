@@ -192,13 +192,14 @@ def test_microbatches_with_dropout_fold_the_index_into_the_key():
   key = jax.random.fold_in(jax.random.key(5), 0)  # the step folds in state.step = 0
   w = sample_weights(batch["train_loss_mask"])
   from lfpr_jax.models.losses import m4c_bce_per_sample  # noqa: PLC0415
-  total = 0.0
-  for m in range(2):
-    part = {k: v[m::2] for k, v in batch.items()}
+  @jax.jit
+  def part_loss(part, w_part, part_key):
     scores = model.apply({"params": optim.merge_params(trainable, frozen)}, part,
-                         train=True, rngs={"dropout": jax.random.fold_in(key, m)})
-    total += float(jnp.sum(w[m::2] * m4c_bce_per_sample(
-        scores, part["targets"], part["train_loss_mask"])))
+                         train=True, rngs={"dropout": part_key})
+    return jnp.sum(w_part * m4c_bce_per_sample(scores, part["targets"],
+                                               part["train_loss_mask"]))
+  total = sum(float(part_loss({k: v[m::2] for k, v in batch.items()}, w[m::2],
+                              jax.random.fold_in(key, m))) for m in range(2))
   np.testing.assert_allclose(float(two), total, rtol=1e-5)
   assert not np.isclose(float(one), float(two), rtol=1e-5)  # noise: < 2e-6
 
