@@ -229,8 +229,8 @@ def test_bfloat16_runs_every_matmul_on_bfloat16_inputs():
   assert backward[34:] == [[bf16, bf16, bf16]] * (2 * 34)
   # float32 (the default) has no bfloat16 anywhere, forward or backward.
   assert {tuple(d) for d in dots(SMALL, grad=True)} == {(f32, f32, f32)}
-@pytest.mark.parametrize("train", [False, True])
-def test_remat_keeps_param_names_outputs_and_gradients(train):
+def test_remat_keeps_param_names_outputs_and_gradients(train=True):
+  """Dropout on: the rematerialised layers redraw the same dropout masks."""
   # BASE has a layer without heads and one without FFN neurons; learnable masks and
   # mask arguments go through the rematerialised MMT layers too.
   config = dataclasses.replace(BASE, learnable_masks=True, hidden_dropout=0.2)
@@ -257,10 +257,16 @@ def test_remat_keeps_param_names_outputs_and_gradients(train):
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   flat, flat_r = (jax.tree_util.tree_leaves_with_path(g) for g in (grads, grads_r))
   assert [p for p, _ in flat] == [p for p, _ in flat_r]
+  largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
   for (path, g), (_, g_r) in zip(flat, flat_r):
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name and "ocr_ptr_net" not in name:
+      # Exact gradient 0 (softmax ignores a per-query shift of the logits): both runs
+      # hold rounding noise only, which recomputation may round differently.
+      assert max(np.abs(g).max(), np.abs(g_r).max()) < 1e-6 * largest, name
+      continue
     scale = max(float(np.abs(g).max()), 1e-6)
-    np.testing.assert_allclose(g_r, g, atol=1e-5 * scale, rtol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(g_r, g, atol=1e-5 * scale, rtol=1e-5, err_msg=name)
   # The text-BERT and every MMT layer receive gradients (the comparison is not vacuous).
   assert float(np.abs(grads["text_bert"]["layer_0"]["ffn"]["wi"]["kernel"]).max()) > 0
   assert float(np.abs(grads["mmt_layer_0"]["attention"]["head_mask"]).max()) > 0
