@@ -25,16 +25,8 @@ def m4c_decoding_bce(scores: jax.Array, targets: jax.Array,
 
 def m4c_bce_per_sample(scores: jax.Array, targets: jax.Array,
                        loss_mask: jax.Array) -> jax.Array:
-  """The masked BCE-with-logits of every sample, summed over classes and steps.
-
-  Args:
-    scores: logits `[B, T, C]`.
-    targets: soft targets `[B, T, C]`.
-    loss_mask: `[B, T]`, 1 on supervised decoding steps.
-
-  Returns:
-    `[B]`: sum_{t,c} m[b,t] * bce[b,t,c], not normalised (the caller weights it).
-  """
+  """`[B]`: sum_{t,c} m[b,t] * bce[b,t,c] of every sample, not normalised (the caller
+  weights it); arguments as `m4c_decoding_bce`."""
   return jnp.sum(_bce_per_step(scores, targets) * loss_mask, axis=-1)
 
 

@@ -108,6 +108,11 @@ def split_microbatches(batch: Mapping[str, Array], microbatches: int
                           0, 1) for k, v in batch.items()}
 
 
+def _check_microbatches(microbatches: Any) -> None:
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}.")
+
+
 def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
                rng: Array, *, model: TAP, tx: optax.GradientTransformation,
                loss_shards: int = 1, fixed_dropout_key: bool = False,
@@ -144,35 +149,33 @@ def train_step(state: TrainState, frozen: PyTree, batch: Mapping[str, Array],
   Raises:
     ValueError: B is not divisible by `microbatches` or `loss_shards`.
   """
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}.")
+  _check_microbatches(microbatches)
   dropout_rng = rng if fixed_dropout_key else jax.random.fold_in(rng, state.step)
-  weights = sample_weights(batch["train_loss_mask"], loss_shards)
 
-  def loss_fn(trainable, part, w, key):
-    scores = model.apply({"params": merge_params(trainable, frozen)}, part,
-                         train=True, rngs={"dropout": key})
-    return jnp.sum(w * m4c_bce_per_sample(scores, part["targets"],
-                                          part["train_loss_mask"]))
+  def scores_of(trainable, part, key):
+    return model.apply({"params": merge_params(trainable, frozen)}, part, train=True,
+                       rngs={"dropout": key})
 
-  grad_fn = jax.value_and_grad(loss_fn)
   if microbatches == 1:
     # The whole batch in one pass: `sharded_loss` as written (bit for bit the step of
     # earlier versions, so recorded runs reproduce exactly).
     def whole_loss(trainable):
-      scores = model.apply({"params": merge_params(trainable, frozen)}, batch,
-                           train=True, rngs={"dropout": dropout_rng})
-      return sharded_loss(scores, batch["targets"], batch["train_loss_mask"],
-                          loss_shards)
+      return sharded_loss(scores_of(trainable, batch, dropout_rng), batch["targets"],
+                          batch["train_loss_mask"], loss_shards)
     loss, grads = jax.value_and_grad(whole_loss)(state.params)
   else:
+    def part_loss(trainable, part, w, key):
+      return jnp.sum(w * m4c_bce_per_sample(scores_of(trainable, part, key),
+                                            part["targets"], part["train_loss_mask"]))
+
+    weights = sample_weights(batch["train_loss_mask"], loss_shards)
     parts = split_microbatches({**batch, "weights": weights}, microbatches)
 
     def accumulate(carry, xs):
       index, part = xs
       fields = {k: v for k, v in part.items() if k != "weights"}
-      loss, grads = grad_fn(state.params, fields, part["weights"],
-                            jax.random.fold_in(dropout_rng, index))
+      loss, grads = jax.value_and_grad(part_loss)(
+          state.params, fields, part["weights"], jax.random.fold_in(dropout_rng, index))
       total_loss, total = carry
       total = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, grads)
       return (total_loss + loss.astype(jnp.float32), total), None
@@ -196,8 +199,7 @@ def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh, *,
   `microbatches`: see `train_step` (B must be divisible by it; for data parallelism
   B / microbatches should be divisible by the device count).
   """
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}.")
+  _check_microbatches(microbatches)   # at construction, before any step runs
   rep = parallel.replicated(mesh)
   return jax.jit(
       lambda s, f, b, r: train_step(s, f, b, r, model=model, tx=tx,
