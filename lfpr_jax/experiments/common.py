@@ -372,6 +372,13 @@ def log_reuse(what: str, path: str) -> None:
   logging.info("%s: reusing %s", what, path)
 
 
+def latency_table(s: Setup) -> latency.LatencyCosts:
+  """This device's MMT latency table at batch `prune.latency_batch`: timed on first use
+  and kept in `<stage dir>/latency/` (later calls read it)."""
+  return latency.measure_table(s.base_config, batch_size=s.config.prune.latency_batch,
+                               cache_dir=s.path("latency"))
+
+
 def select_budget(s: Setup, head: np.ndarray, ffn: np.ndarray, constraint: float, *,
                   cost: str, strict_budget: bool, round_to: int = 0
                   ) -> selection.Selection:
@@ -383,9 +390,8 @@ def select_budget(s: Setup, head: np.ndarray, ffn: np.ndarray, constraint: float
   search always meets its budget). FFN widths are rounded to `round_to` (0: any).
   """
   if cost == "latency":
-    table = latency.measure_table(s.base_config, batch_size=s.config.prune.latency_batch,
-                                  cache_dir=s.path("latency"))
-    return latency.select_latency(head, ffn, constraint, costs=table, round_to=round_to)
+    return latency.select_latency(head, ffn, constraint, costs=latency_table(s),
+                                  round_to=round_to)
   kw = (dict(config=s.base_config) if cost == "params"
         else dict(costs=selection.constraint_costs(s.base_config, cost)))
   return selection.select_sum(head, ffn, constraint, strict_budget=strict_budget,

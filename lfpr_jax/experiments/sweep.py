@@ -538,6 +538,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     names.append("lfpr")             # its per-batch gradients drive the rearrangement
   scores = {name: criterion_scores(name, s, t_star) for name in dict.fromkeys(names)}
 
+  if "latency" in config.sweep.costs:
+    common.latency_table(s)   # timed here, not inside the first latency cell's time
   # ------------------------------------------------------------------------ cells
   rows = [run_cell(cell, s, scores, labels) for cell in cells]
 

@@ -145,13 +145,13 @@ def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
   product = lambda x, y, **kw: op(x, y, *args, **kwargs, **kw)
   dtypes = a.dtype, b.dtype
 
-  @jax.custom_vjp
-  def mixed(x, y):
-    return product(x.astype(bf16), y.astype(bf16), preferred_element_type=jnp.float32)
-
   def forward(x, y):
     x16, y16 = x.astype(bf16), y.astype(bf16)
     return product(x16, y16, preferred_element_type=jnp.float32), (x16, y16)
+
+  @jax.custom_vjp
+  def mixed(x, y):
+    return forward(x, y)[0]
 
   def backward(saved, g):
     x16, y16 = saved
