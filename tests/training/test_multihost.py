@@ -35,6 +35,7 @@ from lfpr_jax.training import loop
 from lfpr_jax.training import optim
 from lfpr_jax.data import pipeline
 from lfpr_jax.models.params import init_params
+from tests.conftest import FAST_COMPILE_XLA_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multihost_worker.py"
@@ -64,7 +65,8 @@ def _fake_labels(built_dir: str, vocab, config) -> pseudo_labels.PseudoLabels:
 
 def _launch(spec_path: pathlib.Path, logs: pathlib.Path) -> None:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "XLA_FLAGS": ("--xla_force_host_platform_device_count=1 "
+                       + FAST_COMPILE_XLA_FLAGS),
          # The resumed run compiles the same step again; process 0 (the only one
          # JAX lets write the cache) takes it from disk.
          "JAX_COMPILATION_CACHE_DIR": str(logs / "jax_cache"),

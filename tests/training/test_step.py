@@ -121,9 +121,9 @@ def _micro_setup(batch_size=8):
 
 @functools.partial(jax.jit, static_argnames=("loss_shards", "microbatches"))
 def _micro_step(trainable, frozen, batch, *, loss_shards, microbatches):
-  return train_step(init_state(trainable, SGD), frozen, batch, jax.random.key(5),
-                    model=TAP(TINY), tx=SGD, loss_shards=loss_shards,
-                    microbatches=microbatches)
+  step = jax.jit(functools.partial(train_step, model=TAP(TINY), tx=SGD,
+                                   loss_shards=loss_shards, microbatches=microbatches))
+  return step(init_state(trainable, SGD), frozen, batch, jax.random.key(5))
 
 
 def _assert_steps_close(a, b):
@@ -184,10 +184,11 @@ def test_microbatches_with_dropout_fold_the_index_into_the_key():
   config = dataclasses.replace(TINY, hidden_dropout=0.3)
   trainable, frozen, batch = _micro_setup()
   model = TAP(config)
-  step = functools.partial(train_step, frozen=frozen, batch=batch,
-                           rng=jax.random.key(5), model=model, tx=SGD)
-  one = step(init_state(trainable, SGD))[1]["loss"]
-  two = step(init_state(trainable, SGD), microbatches=2)[1]["loss"]
+  def loss(microbatches):
+    step = jax.jit(functools.partial(train_step, model=model, tx=SGD,
+                                     microbatches=microbatches))
+    return step(init_state(trainable, SGD), frozen, batch, jax.random.key(5))[1]["loss"]
+  one, two = loss(1), loss(2)
   # The same micro-batch loss recomputed by hand with its folded key.
   key = jax.random.fold_in(jax.random.key(5), 0)  # the step folds in state.step = 0
   w = sample_weights(batch["train_loss_mask"])
