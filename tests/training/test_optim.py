@@ -88,7 +88,7 @@ def _first_step_rates(rules, rates, clip_norm=None):
   t, _ = optim.split_params(params, rules)
   tx = optim.make_optimizer(t, rules, rates, warmup_steps=0, clip_norm=clip_norm)
   grads = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), t)
-  updates, _ = tx.update(grads, tx.init(t), t)
+  updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(t), t)  # eager: op by op
   return {p: float(np.abs(np.asarray(u)).max()) for p, u in optim.flat(updates).items()}
 
 
@@ -104,7 +104,6 @@ def test_optimizer_rates_per_group():
   assert got["mmt_layer_1/ffn/ffn_mask"] == pytest.approx(1e-3, rel=1e-5)
   assert got["mmt_layer_2/attention/query/kernel"] == pytest.approx(5e-5, rel=1e-5)
   assert "text_bert/word/embedding" not in got
-  # Full fine-tuning is one rule: every leaf at one rate.
   # Full fine-tuning is one rule: every leaf at one rate. The clip scales every
   # gradient alike, which only shows through Adam's eps.
   got = _first_step_rates([(".*", "base")], {"base": 1e-4}, clip_norm=0.25)
