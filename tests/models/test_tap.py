@@ -229,7 +229,9 @@ def test_bfloat16_runs_every_matmul_on_bfloat16_inputs():
   assert backward[34:] == [[bf16, bf16, bf16]] * (2 * 34)
   # float32 (the default) has no bfloat16 anywhere, forward or backward.
   assert {tuple(d) for d in dots(SMALL, grad=True)} == {(f32, f32, f32)}
-def test_remat_keeps_param_names_outputs_and_gradients(train=True):
+
+
+def test_remat_keeps_param_names_outputs_and_gradients():
   """Dropout on: the rematerialised layers redraw the same dropout masks."""
   # BASE has a layer without heads and one without FFN neurons; learnable masks and
   # mask arguments go through the rematerialised MMT layers too.
@@ -247,8 +249,8 @@ def test_remat_keeps_param_names_outputs_and_gradients(train=True):
 
   def loss_and_grads(c):
     def loss_fn(p):
-      scores = TAP(c).apply({"params": p}, full, train=train, head_mask=head_mask,
-                            rngs={"dropout": jax.random.key(7)} if train else {})
+      scores = TAP(c).apply({"params": p}, full, train=True, head_mask=head_mask,
+                            rngs={"dropout": jax.random.key(7)})
       return m4c_decoding_bce(scores, targets, loss_mask)
     return jax.jit(jax.value_and_grad(loss_fn))(params)
 

@@ -88,7 +88,8 @@ def _first_step_rates(rules, rates, clip_norm=None):
   t, _ = optim.split_params(params, rules)
   tx = optim.make_optimizer(t, rules, rates, warmup_steps=0, clip_norm=clip_norm)
   grads = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), t)
-  updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(t), t)  # eager: op by op
+  # Jitted: run eagerly, the update goes op by op over every leaf (~3x slower).
+  updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(t), t)
   return {p: float(np.abs(np.asarray(u)).max()) for p, u in optim.flat(updates).items()}
 
 

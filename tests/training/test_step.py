@@ -121,9 +121,9 @@ def _micro_setup(batch_size=8):
 
 @functools.partial(jax.jit, static_argnames=("loss_shards", "microbatches"))
 def _micro_step(trainable, frozen, batch, *, loss_shards, microbatches):
-  step = jax.jit(functools.partial(train_step, model=TAP(TINY), tx=SGD,
-                                   loss_shards=loss_shards, microbatches=microbatches))
-  return step(init_state(trainable, SGD), frozen, batch, jax.random.key(5))
+  return train_step(init_state(trainable, SGD), frozen, batch, jax.random.key(5),
+                    model=TAP(TINY), tx=SGD, loss_shards=loss_shards,
+                    microbatches=microbatches)
 
 
 def _assert_steps_close(a, b):
