@@ -22,8 +22,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.root = ""        # default: <workdir>/data/synthetic
   config.data.built_dir = ""   # default: <workdir>/tfds
   config.data.splits = ("train", "val")
+  # ocr_context_signal 2 (SyntheticSpec's default is 1): the host object's class shows
+  # more strongly in the features of text written on it; with 1, the base model of
+  # some dataset seeds had not learned `ocr_on_object` / `ocr_position` by the last
+  # step (seed 3: 52% val accuracy). results/synthetic/SEEDS.md has the seed check.
   config.data.synthetic = ml_collections.ConfigDict(dict(
-      seed=0, num_train=6000, num_val=1000, num_test=1000))
+      seed=0, num_train=6000, num_val=1000, num_test=1000, ocr_context_signal=2.0))
 
   # TapConfig fields; data-dependent sizes (answer and BERT vocabularies, feature
   # widths, object/OCR slots) come from the generated dataset.
@@ -31,7 +35,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arch="synthetic", text_bert_layers=0, mmt_heads=(2, 2, 2, 2),
       mmt_ffn=(512, 512, 512, 512), hidden_size=128, head_dim=64, text_heads=2,
       text_ffn=512, question_len=12, ocr_text_len=22, text_len=46, decode_steps=4,
-      fc7_dim=128, ptr_query_key_size=128, max_position_embeddings=64))
+      fc7_dim=128, ptr_query_key_size=128, max_position_embeddings=64,
+      # No dropout (TAP's is 0.1): in 2,750 steps it slowed learning; seed 3's base
+      # model: 52.1% with both old settings, 66.9% with signal 2, 71.6% without
+      # dropout, 80.2% with both changes. LFPR's train-mode scoring is then
+      # deterministic on this benchmark.
+      hidden_dropout=0.0, attention_dropout=0.0, obj_dropout=0.0, ocr_dropout=0.0))
 
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=100, warmup_factor=0.2, decay_steps=(1800,),
@@ -52,8 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(batch_size=64))
   config.speed = common.speed_section()
   # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
-  # stages: evaluation, pseudo-labels, t*; same results as the padded model.
-  config.trim = True
+  # stages (evaluation, pseudo-labels, t*) is off for this 1.17M-parameter model: its
+  # padded batches are cheap and every trimmed shape is a program to compile (one
+  # val evaluation: 29 s trimmed vs 5 s padded, compile included, on 1 CPU core). The
+  # full-size configs keep it on; `:tiny` turns it on so CI runs the trimmed stages.
+  config.trim = False
   config.compute_dtype = common.COMPUTE_DTYPE
   config.progress = True
 
@@ -67,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rest.update(ckpt_every=4, schedule=((0.4, 73, 1),))
     config.eval.update(batch_size=32)
     config.speed.update(batch_sizes=(1, 16), repeats=2)
+    config.trim = True
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; known: 'tiny'.")
   return config

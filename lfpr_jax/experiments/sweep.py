@@ -21,7 +21,9 @@ A grid of importance criteria x restorations x costs x constraints:
 * constraints: kept fractions.
 
 Shared stages (data, base model, t*, scores per criterion, pseudo-labels) and every
-cell are cached in the workdir, so an interrupted sweep resumes. Output in
+cell are cached in the workdir, so an interrupted sweep resumes, and a grown or
+narrowed grid (other constraints, restorations, costs or criteria) reuses every cell
+already computed (a cell depends on the sweep's settings, not on the grid). Output in
 `DIR/sweep/`: `results.md` and `results.csv` shaped like the paper's table (method,
 #params, MACs, val accuracy, device hours, full and delta checkpoint size),
 `accuracy_vs_params.png` (one panel per cost, one line per method) and `metadata.json`
@@ -60,7 +62,11 @@ from lfpr_jax.pruning import (criteria, kwon, pseudo_labels, rest, scoring, sele
                               surgery)
 from lfpr_jax.training import loop
 
-MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress")
+# The grid's coordinates: a cell's name carries its own, so growing or shrinking the
+# grid (another constraint, restoration, cost or criterion) reuses every computed cell.
+GRID_KEYS = ("sweep.criteria", "sweep.restorations", "sweep.constraints", "sweep.costs",
+             "sweep.seeds")
+MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress") + GRID_KEYS
 STAGES = (
     stages.Stage("sweep scores", ("sweep/scores/*",),
                  ("prune", "sweep.alg_normalize_by_layer"), ("t*",)),
@@ -213,6 +219,13 @@ def mmt_macs(config) -> int:
   return sum(costs.layer_cost(h, f) for h, f in zip(config.mmt_heads, config.mmt_ffn))
 
 
+def cell_depends_on(s: common.Setup) -> dict[str, Any]:
+  """What every cell's result is a function of: the "sweep cells" stage's config keys
+  without the grid's coordinates (`GRID_KEYS`; the cell's name is added per cell)."""
+  return {k: v for k, v in s.depends_on("sweep cells").items()
+          if not any(k == g or k.startswith(g + ".") for g in GRID_KEYS)}
+
+
 def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
              ) -> dict:
   """Selection under the cell's cost, restoration, evaluation of one cell (cached).
@@ -267,7 +280,7 @@ def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
             "cfg_head": list(pconfig.mmt_heads), "cfg_ffn": list(pconfig.mmt_ffn),
             **info}
   row, _ = stages.cached(os.path.join(directory, "result.json"), compute,
-                         depends_on={**s.depends_on("sweep cells"), "cell": cell.name})
+                         depends_on={**cell_depends_on(s), "cell": cell.name})
   return row
 
 

@@ -96,6 +96,15 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   meta = json.loads((tmp_path / "sweep" / "metadata.json").read_text())
   assert meta["versions"]["jax"] and meta["config"]["sweep"]["criteria"]
   assert "reusing" in sweep.stderr and "pseudo-labels:" not in sweep.stderr  # reused
+  # A narrower grid is no config conflict: it reuses its cells and reports only them.
+  narrow = _main(tmp_path, "--config.sweep.restorations=('none','rest')",
+                 "--config.sweep.criteria=('lfpr',)", config="configs/sweep_synthetic.py:tiny")
+  assert narrow.returncode == 0, narrow.stderr[-3000:]
+  assert "ReSt" not in narrow.stderr and "eval lfpr" not in narrow.stderr  # nothing rerun
+  rows = [l for l in narrow.stdout.splitlines() if "| params | 0.4 |" in l]
+  assert [r.split(" | ")[0] for r in rows] == ["| lfpr + none", "| lfpr + rest"], rows
+  assert ((tmp_path / "sweep" / "results.csv").read_text().splitlines()[1:]
+          == [l for l in lines[1:] if l.startswith(("lfpr + none,", "lfpr + rest,"))])
 
 
 def test_bad_config_value_is_one_line_before_any_work(tmp_path):
