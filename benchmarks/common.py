@@ -512,16 +512,29 @@ def ratios(stages: Mapping[str, Mapping[str, Any]], arch: str, batch_size: int,
   return out
 
 
+def run_header(schema: str, module: str, argv: Optional[Sequence[str]] = None
+               ) -> dict[str, Any]:
+  """The opening keys of every benchmark's result JSON: its schema, when it was
+  written (UTC, ISO 8601) and the command that reruns it (`python -m <module> ...`;
+  `argv`: the arguments `main` was given, default the process's own)."""
+  args = sys.argv[1:] if argv is None else list(argv)
+  return {"schema": schema,
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "command": [os.path.basename(sys.executable), "-m", module, *args]}
+
+
 def result_skeleton(framework: str, args: argparse.Namespace, stages: Sequence[str],
-                    c: TapConfig, num_params: int, machine: Mapping[str, Any]
+                    c: TapConfig, num_params: int, machine: Mapping[str, Any], *,
+                    module: str, argv: Optional[Sequence[str]] = None
                     ) -> dict[str, Any]:
   """Everything of the result JSON but `stages`, `ratios` and `peak_rss_mb`."""
+  header = run_header(SCHEMA, module, argv)
   return {
-      "schema": SCHEMA,
+      "schema": header["schema"],
       "framework": framework,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "command": [os.path.basename(sys.executable)] + sys.argv,
+      "created": header["created"],
+      "command": header["command"],
       "settings": {
           "arch": args.arch, "batch": args.batch, "repeats": args.repeats,
           "seed": args.seed, "dtype": "float32", "stages": list(stages),

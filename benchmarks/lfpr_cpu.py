@@ -51,7 +51,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -530,10 +529,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   records = {st.name: stage_record(st) for st in stages}
   cpu = machine["cpu_model"]
   result = {
-      "schema": SCHEMA,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "command": [os.path.basename(sys.executable), "-m", "benchmarks.lfpr_cpu"]
-                 + list(sys.argv[1:] if argv is None else argv),
+      **common.run_header(SCHEMA, "benchmarks.lfpr_cpu", argv),
       "settings": {"repeats": args.repeats, "seed": args.seed,
                    "score_batches": score_batches, "score_steps": score_steps,
                    "rest_batch": args.rest_batch, "rest_layers": rest_layers,

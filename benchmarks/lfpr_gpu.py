@@ -281,10 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   dl = Deadline(args.budget_s)
   t_start = time.perf_counter()
   result: dict[str, Any] = {
-      "schema": SCHEMA,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "command": [os.path.basename(sys.executable), "-m", "benchmarks.lfpr_gpu"]
-                 + list(sys.argv[1:] if argv is None else argv),
+      **common.run_header(SCHEMA, "benchmarks.lfpr_gpu", argv),
       "machine": common.machine_info(
           {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
            "flax": flax.__version__, "optax": optax.__version__,

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -128,10 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   data = {"batch": _batch(base, args.batch, batch_rng),
           "mask_batch": _batch(base, args.mask_batch, mask_rng)}
   result = {
-      "schema": SCHEMA,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "command": [os.path.basename(sys.executable)] + sys.argv,
+      **common.run_header(SCHEMA, "benchmarks.precision", argv),
       "settings": {"arch": args.arch, "batch": args.batch,
                    "mask_batch": args.mask_batch, "repeats": args.repeats,
                    "seed": args.seed, "stages": list(stages)},

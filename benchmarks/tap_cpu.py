@@ -345,7 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   inputs = full
   model = TAP(config)
 
-  result = common.result_skeleton("jax", args, stages, config, num_params, machine)
+  result = common.result_skeleton("jax", args, stages, config, num_params, machine,
+                                  module="benchmarks.tap_cpu", argv=argv)
   result["settings"].update(remat=args.remat, donate=not args.no_donate,
                             microbatches=args.microbatches)
   result["stages"] = {}

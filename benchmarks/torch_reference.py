@@ -810,7 +810,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     init_weights(model, gen)
   batch = to_torch(common.random_batch(batch_rng, config, args.batch))
 
-  result = common.result_skeleton("torch", args, stages, config, num_params, machine)
+  result = common.result_skeleton("torch", args, stages, config, num_params, machine,
+                                  module="benchmarks.torch_reference", argv=argv)
   result["stages"] = {}
   t_start = time.perf_counter()
   for i, stage in enumerate(stages):

@@ -18,7 +18,6 @@ others, e.g. `--flags "fast_min_max=--xla_cpu_enable_fast_min_max=true"`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -142,10 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for name, flags in args.sets.items():
       results[name] = run_set(name, flags, args, tmp)
   add_ratios(results)
-  out = {"schema": SCHEMA,
-         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-             timespec="seconds"),
-         "command": [os.path.basename(sys.executable)] + sys.argv,
+  out = {**common.run_header(SCHEMA, "benchmarks.xla_flags", argv),
          "settings": {"arch": args.arch, "batch": args.batch, "repeats": args.repeats,
                       "stages": args.stages.split(",")},
          "machine": machine, "load_avg_at_end": list(os.getloadavg()),
