@@ -44,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       strict_budget=True,
       alg_normalize_by_layer=True,
       kwon_tune_samples=256,
-      # Full fine-tuning: (regex, lr group) rules of the trained parameters (all).
-      finetune=ml_collections.ConfigDict(dict(percent=100, lr=1e-4,
+      # Full fine-tuning: (regex, lr group) rules of the trained parameters (all), at
+      # ReSt's rate, so the two rows differ in data, labels and trained parameters only.
+      finetune=ml_collections.ConfigDict(dict(percent=100, lr=config.rest.lr,
                                               trainable=((".*", "base"),))),
   ))
   if arg == "tiny":
