@@ -43,7 +43,7 @@ def test_run_record_keeps_what_a_corrected_config_does_not_touch(tmp_path):
   with pytest.raises(ValueError) as e:
     check(other)
   msg = str(e.value)
-  assert "rest.lr (0.0005 -> 0.0001)" in msg and "stage(s) targets" in msg
+  assert "rest.lr (0.001 -> 0.0001)" in msg and "stage(s) targets" in msg
   assert "base_model" not in msg and "importance" not in msg
   check(other, invalidate=True)
   assert not (tmp_path / "lfpr" / "sum_0.4").exists()

@@ -73,7 +73,7 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   # invalidates; --invalidate recomputes only that and keeps the base model.
   bad = _main(tmp_path, "--config.rest.lr=0.1")
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  assert "rest.lr (0.0005 -> 0.1)" in bad.stderr and "--invalidate" in bad.stderr
+  assert "rest.lr (0.001 -> 0.1)" in bad.stderr and "--invalidate" in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
   fixed = _main(tmp_path, "--config.rest.lr=0.1", "--invalidate")
   assert fixed.returncode == 0, fixed.stderr[-3000:]
