@@ -27,7 +27,8 @@ already computed (a cell depends on the sweep's settings, not on the grid). Outp
 `DIR/sweep/`: `results.md` and `results.csv` shaped like the paper's table (method,
 #params, MACs, val accuracy, device hours, full and delta checkpoint size),
 `accuracy_vs_params.png` (one panel per cost, one line per method) and `metadata.json`
-(config, versions, devices).
+(config, versions, devices); with several seeds also `summary.md` (method x constraint,
+mean ± std, best and beyond-spread marks) and `per_seed.csv`.
 
 **Seeds** (`sweep.seeds` = n > 1): seed i runs the whole sweep above in
 `DIR/seed_<i>/` with `seed` and `data.synthetic.seed` shifted by i (its own dataset and
@@ -70,7 +71,7 @@ MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress") + GRID_KEY
 STAGES = (
     stages.Stage("sweep scores", ("sweep/scores/*",),
                  ("prune", "sweep.alg_normalize_by_layer"), ("t*",)),
-    stages.Stage("sweep cells", ("sweep/cells/*", "sweep/results.*",
+    stages.Stage("sweep cells", ("sweep/cells/*", "sweep/results.*", "sweep/summary.md",
                                  "sweep/accuracy_vs_params.png", "sweep/metadata.json"),
                  ("rest", "eval", "sweep"), ("sweep scores", "pseudo-labels",
                                              "unpruned evaluation")),
@@ -447,6 +448,43 @@ def format_aggregate_markdown(rows: Sequence[Mapping[str, Any]],
   return "\n".join(lines) + "\n"
 
 
+def format_summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The compact view of the aggregate: per cost, one row per method and one column per
+  constraint, each cell the mean ± std val accuracy (%); **bold** the best method of
+  the column, † a gap to it beyond the spread (`mark_gaps`), "(1 seed)" no spread."""
+  lines: list[str] = []
+  for cost in dict.fromkeys(r["cost"] for r in rows):
+    group = [r for r in rows if r["cost"] == cost]
+    constraints = sorted({float(r["constraint"]) for r in group})
+    cells = {(r["method"], float(r["constraint"])): r for r in group}
+    restoration = {r["method"]: r["restoration"] for r in group}
+    order = lambda m: (config_checks.RESTORATIONS.index(restoration[m])
+                       if restoration[m] in config_checks.RESTORATIONS
+                       else len(config_checks.RESTORATIONS), restoration[m], m)
+    methods = sorted(restoration, key=order)   # grouped by restoration, in its order
+    lines += [f"Budget: {cost} (kept fraction of the MMT's {cost})", "",
+              "| method | " + " | ".join(f"{100 * c:g}%" for c in constraints) + " |",
+              "|---|" + "---|" * len(constraints)]
+    for m in methods:
+      out = []
+      for c in constraints:
+        r = cells.get((m, c))
+        if r is None:
+          out.append("–")
+          continue
+        text = f"{100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f}"
+        if r["is_best"]:
+          text = f"**{text}**"
+        elif r["beyond_spread"]:
+          text += " †"
+        elif r["beyond_spread"] is None:
+          text += " (1 seed)"
+        out.append(text)
+      lines.append(f"| {m} | " + " | ".join(out) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
 AGG_CSV_KEYS = (("method", "criterion", "restoration", "cost", "constraint", "seeds")
                 + tuple(f"{f}_{m}" for f in AGG_FIELDS for m in ("mean", "std"))
                 + ("is_best", "gap_to_best", "beyond_spread"))
@@ -580,6 +618,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(sweep_dir, exist_ok=True)
     atomic.write_text(os.path.join(sweep_dir, "results.md"),
                       format_aggregate_markdown(rows, n))
+    atomic.write_text(os.path.join(sweep_dir, "summary.md"), format_summary_markdown(rows))
     atomic.write_text(os.path.join(sweep_dir, "results.csv"),
                       format_csv(rows, AGG_CSV_KEYS))
     atomic.write_text(os.path.join(sweep_dir, "per_seed.csv"), format_csv(

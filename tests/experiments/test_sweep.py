@@ -196,6 +196,16 @@ def test_aggregate_table_and_csv():
   lines = text.splitlines()
   assert lines.index([l for l in lines if l.startswith("| a + rest | flops")][0]) > \
       lines.index([l for l in lines if l.startswith("| d + none")][0])
+  summary = sweep.format_summary_markdown(agg).splitlines()
+  assert summary[:4] == ["Budget: params (kept fraction of the MMT's params)", "",
+                         "| method | 40% |", "|---|---|"]
+  # Methods grouped by restoration; best bold, beyond-spread marked, one seed noted.
+  assert summary[4:8] == ["| d + none | 30.00 ± 0.00 (1 seed) |",
+                          "| a + rest | **62.00 ± 2.00** |",
+                          "| b + rest | 58.00 ± 1.00 † |",
+                          "| c + rest | 60.00 ± 4.58 |"]
+  assert summary[9:13] == ["Budget: flops (kept fraction of the MMT's flops)", "",
+                           "| method | 40% |", "|---|---|"]
   table = list(csv.DictReader(io.StringIO(sweep.format_csv(agg, sweep.AGG_CSV_KEYS))))
   assert table[1]["method"] == "b + rest" and table[1]["beyond_spread"] == "True"
   assert table[3]["beyond_spread"] == "" and table[0]["seeds"] == "3"
@@ -222,6 +232,7 @@ def test_run_seeds_runs_each_seed_in_its_subdir(tmp_path, monkeypatch):
   assert rows == sweep.aggregate(seed_rows)
   out = tmp_path / "sweep"
   assert (out / "results.md").read_text() == sweep.format_aggregate_markdown(rows, 3)
+  assert (out / "summary.md").read_text() == sweep.format_summary_markdown(rows)
   per_seed = list(csv.DictReader(io.StringIO((out / "per_seed.csv").read_text())))
   assert len(per_seed) == sum(len(r) for r in seed_rows)
   assert [p["seed"] for p in per_seed][:5] == ["0"] * 5 and per_seed[-1]["seed"] == "2"
