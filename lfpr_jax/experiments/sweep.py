@@ -491,7 +491,9 @@ AGG_CSV_KEYS = (("method", "criterion", "restoration", "cost", "constraint", "se
 
 
 def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
-  """Mean val accuracy ± std vs the kept MMT size, a panel per cost (PNG, atomic).
+  """Mean val accuracy ± std vs the kept MMT size (PNG, atomic): a row of panels per
+  cost, a panel per restoration, a line per criterion (one colour per criterion
+  throughout, so panels compare at a glance; shared y axis).
 
   Args:
     rows: aggregated rows (`aggregate`; one seed gives zero error bars).
@@ -503,25 +505,40 @@ def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
   costs = sorted({r["cost"] for r in rows},
                  key=lambda c: _row_order({"cost": c, "constraint": 0, "method": ""}))
-  fig, axes = plt.subplots(1, max(len(costs), 1), figsize=(7 * max(len(costs), 1), 4.5),
-                           squeeze=False)
-  for ax, cost in zip(axes[0], costs):
-    for method in sorted({r["method"] for r in rows if r["cost"] == cost}):
-      pts = sorted((r["mmt_params_mean"] / 1e6 if cost == "params"
-                    else 100 * r["mmt_macs_fraction_mean"],
-                    100 * r["val_accuracy_mean"], 100 * r["val_accuracy_std"])
-                   for r in rows if r["method"] == method and r["cost"] == cost)
-      style = "--" if method.endswith("+ none") else "-"
-      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                  fmt=style, marker="o", capsize=3, label=method)
-    ax.axhline(100 * unpruned, color="k", lw=0.8, ls=":", label="unpruned")
-    ax.set_xlabel("kept MMT parameters (M)" if cost == "params"
-                  else "kept MMT MACs (%)")
-    ax.set_ylabel("val accuracy (%)")
-    ax.set_title(f"constraint on {cost}")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
+  known = config_checks.RESTORATIONS
+  restorations = sorted({r["restoration"] for r in rows},
+                        key=lambda x: (known.index(x) if x in known else len(known), x))
+  criteria_names = list(dict.fromkeys(sorted(r["criterion"] for r in rows)))
+  colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(criteria_names)}
+  nrows, ncols = max(len(costs), 1), max(len(restorations), 1)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows),
+                           squeeze=False, sharey=True)
+  for i, cost in enumerate(costs):
+    for j, restoration in enumerate(restorations):
+      ax = axes[i][j]
+      for criterion in criteria_names:
+        pts = sorted((r["mmt_params_mean"] / 1e6 if cost == "params"
+                      else 100 * r["mmt_macs_fraction_mean"],
+                      100 * r["val_accuracy_mean"], 100 * r["val_accuracy_std"])
+                     for r in rows if r["cost"] == cost and r["criterion"] == criterion
+                     and r["restoration"] == restoration)
+        if pts:
+          ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                      yerr=[p[2] for p in pts], marker="o", ms=3, capsize=2,
+                      color=colours[criterion], label=criterion)
+      ax.axhline(100 * unpruned, color="k", lw=0.8, ls=":", label="unpruned")
+      ax.set_title(f"+ {restoration} ({cost})", fontsize=9)
+      ax.set_xlabel("kept MMT parameters (M)" if cost == "params"
+                    else f"kept MMT {cost} (%)", fontsize=8)
+      if j == 0:
+        ax.set_ylabel("val accuracy (%)")
+      ax.grid(alpha=0.3)
+  handles = [plt.Line2D([], [], color=colours[c], marker="o", label=c)
+             for c in criteria_names]
+  handles.append(plt.Line2D([], [], color="k", lw=0.8, ls=":", label="unpruned"))
+  fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+             frameon=False)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
