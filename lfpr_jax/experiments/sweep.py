@@ -26,9 +26,9 @@ narrowed grid (other constraints, restorations, costs or criteria) reuses every 
 already computed (a cell depends on the sweep's settings, not on the grid). Output in
 `DIR/sweep/`: `results.md` and `results.csv` shaped like the paper's table (method,
 #params, MACs, val accuracy, device hours, full and delta checkpoint size),
-`accuracy_vs_params.png` (one panel per cost, one line per method) and `metadata.json`
-(config, versions, devices); with several seeds also `summary.md` (method x constraint,
-mean ± std, best and beyond-spread marks) and `per_seed.csv`.
+`accuracy_vs_params.png` (a panel per cost and restoration, a line per criterion) and
+`metadata.json` (config, versions, devices); with several seeds also `summary.md`
+(method x constraint, mean ± std, best and beyond-spread marks) and `per_seed.csv`.
 
 **Seeds** (`sweep.seeds` = n > 1): seed i runs the whole sweep above in
 `DIR/seed_<i>/` with `seed` and `data.synthetic.seed` shifted by i (its own dataset and
@@ -529,7 +529,7 @@ def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
       ax.axhline(100 * unpruned, color="k", lw=0.8, ls=":", label="unpruned")
       ax.set_title(f"+ {restoration} ({cost})", fontsize=9)
       ax.set_xlabel("kept MMT parameters (M)" if cost == "params"
-                    else f"kept MMT {cost} (%)", fontsize=8)
+                    else "kept MMT MACs (%)", fontsize=8)
       if j == 0:
         ax.set_ylabel("val accuracy (%)")
       ax.grid(alpha=0.3)
