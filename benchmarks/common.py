@@ -529,12 +529,9 @@ def result_skeleton(framework: str, args: argparse.Namespace, stages: Sequence[s
                     module: str, argv: Optional[Sequence[str]] = None
                     ) -> dict[str, Any]:
   """Everything of the result JSON but `stages`, `ratios` and `peak_rss_mb`."""
-  header = run_header(SCHEMA, module, argv)
   return {
-      "schema": header["schema"],
+      **run_header(SCHEMA, module, argv),
       "framework": framework,
-      "created": header["created"],
-      "command": header["command"],
       "settings": {
           "arch": args.arch, "batch": args.batch, "repeats": args.repeats,
           "seed": args.seed, "dtype": "float32", "stages": list(stages),

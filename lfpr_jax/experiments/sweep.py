@@ -448,6 +448,12 @@ def format_aggregate_markdown(rows: Sequence[Mapping[str, Any]],
   return "\n".join(lines) + "\n"
 
 
+def _restoration_order(name: str) -> tuple:
+  """Restorations in `config_checks.RESTORATIONS` order (none, rest, ...), others last."""
+  known = config_checks.RESTORATIONS
+  return (known.index(name) if name in known else len(known), name)
+
+
 def format_summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   """The compact view of the aggregate: per cost, one row per method and one column per
   constraint, each cell the mean ± std val accuracy (%); **bold** the best method of
@@ -458,10 +464,8 @@ def format_summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     constraints = sorted({float(r["constraint"]) for r in group})
     cells = {(r["method"], float(r["constraint"])): r for r in group}
     restoration = {r["method"]: r["restoration"] for r in group}
-    order = lambda m: (config_checks.RESTORATIONS.index(restoration[m])
-                       if restoration[m] in config_checks.RESTORATIONS
-                       else len(config_checks.RESTORATIONS), restoration[m], m)
-    methods = sorted(restoration, key=order)   # grouped by restoration, in its order
+    methods = sorted(restoration,   # grouped by restoration, in its order
+                     key=lambda m: (_restoration_order(restoration[m]), m))
     lines += [f"Budget: {cost} (kept fraction of the MMT's {cost})", "",
               "| method | " + " | ".join(f"{100 * c:g}%" for c in constraints) + " |",
               "|---|" + "---|" * len(constraints)]
@@ -505,9 +509,7 @@ def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
   costs = sorted({r["cost"] for r in rows},
                  key=lambda c: _row_order({"cost": c, "constraint": 0, "method": ""}))
-  known = config_checks.RESTORATIONS
-  restorations = sorted({r["restoration"] for r in rows},
-                        key=lambda x: (known.index(x) if x in known else len(known), x))
+  restorations = sorted({r["restoration"] for r in rows}, key=_restoration_order)
   criteria_names = list(dict.fromkeys(sorted(r["criterion"] for r in rows)))
   colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(criteria_names)}
   nrows, ncols = max(len(costs), 1), max(len(restorations), 1)
