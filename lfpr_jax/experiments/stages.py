@@ -57,7 +57,7 @@ def flat_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
 def select_keys(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
   """The entries of `flat` whose key equals a prefix or lies under `prefix.`."""
   return {k: v for k, v in sorted(flat.items())
-          if any(k == p or k.startswith(p + ".") for p in prefixes)}
+          if under(k, prefixes)}
 
 
 # ------------------------------------------------------------------ cached stages
@@ -99,6 +99,35 @@ def _with_added_keys(stored: Mapping[str, Any], current: Mapping[str, Any]
   return {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **stored}
 
 
+def _check_output(path: str, depends_on: Mapping[str, Any]
+                  ) -> tuple[Optional[str], float]:
+  """(what is wrong with the existing output at `path` or None, its seconds)."""
+  meta_path = _meta_path(path)
+  try:
+    meta = load_json(meta_path)
+    seconds, stored, sha = meta["seconds"], meta["depends_on"], meta["sha256"]
+    stored = _with_added_keys(stored, depends_on)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return (f"has no valid record of what produced it ({meta_path}: "
+            f"{type(e).__name__})"), 0.0
+  if stored != depends_on:
+    differ = sorted(k for k in set(stored) | set(depends_on)
+                    if stored.get(k) != depends_on.get(k))
+    return f"was produced by a different run (differs in {', '.join(differ)})", 0.0
+  if file_sha256(path) != sha:
+    return ("is corrupt (its checksum does not match the one recorded when it was "
+            "written)"), 0.0
+  return None, float(seconds)
+
+
+def stale_reason(path: str, depends_on: Mapping[str, Any]) -> Optional[str]:
+  """Why the existing output at `path` cannot be reused with `depends_on` (no sidecar,
+  another run's values, a wrong checksum), or None when it can (or does not exist)."""
+  if not os.path.exists(path):
+    return None
+  return _check_output(path, json.loads(json.dumps(dict(depends_on), default=list)))[0]
+
+
 def cached(path: str, compute: Callable[[], T], *, depends_on: Mapping[str, Any],
            save: Callable[[str, T], None] = save_json,
            load: Callable[[str], T] = load_json,
@@ -125,21 +154,9 @@ def cached(path: str, compute: Callable[[], T], *, depends_on: Mapping[str, Any]
   remedy = (f"delete {path} (and {os.path.basename(meta_path)}) to recompute it, or "
             "rerun with --invalidate")
   if os.path.exists(path):
-    try:
-      meta = load_json(meta_path)
-      seconds, stored, sha = meta["seconds"], meta["depends_on"], meta["sha256"]
-      stored = _with_added_keys(stored, depends_on)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise StageError(f"{path} has no valid record of what produced it "
-                       f"({meta_path}: {type(e).__name__}): {remedy}.") from None
-    if stored != depends_on:
-      differ = sorted(k for k in set(stored) | set(depends_on)
-                      if stored.get(k) != depends_on.get(k))
-      raise StageError(f"{path} was produced by a different run (differs in "
-                       f"{', '.join(differ)}): {remedy}.")
-    if file_sha256(path) != sha:
-      raise StageError(f"{path} is corrupt (its checksum does not match the one "
-                       f"recorded when it was written): {remedy}.")
+    problem, seconds = _check_output(path, depends_on)
+    if problem:
+      raise StageError(f"{path} {problem}: {remedy}.")
     try:
       value = load(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -172,11 +189,16 @@ class Stage:
     outputs: glob patterns relative to the workdir.
     keys: dotted config key prefixes the stage's outputs depend on (directly).
     after: names of the stages whose outputs it reads (their keys count too).
+    self_checked: key prefixes each of the stage's outputs records and checks on its
+      own (a cell of the sweep depends on its restoration's keys only): a change in
+      them does not invalidate the stage as a whole; `--invalidate` lets the driver
+      recompute exactly the outputs whose own record disagrees.
   """
   name: str
   outputs: tuple[str, ...]
   keys: tuple[str, ...]
   after: tuple[str, ...] = ()
+  self_checked: tuple[str, ...] = ()
 
 
 def _closure(stages: Sequence[Stage]) -> dict[str, tuple[str, ...]]:
@@ -195,7 +217,13 @@ def invalidated(stages: Sequence[Stage], changed: Iterable[str]) -> list[Stage]:
   keys = _closure(stages)
   changed = list(changed)
   return [s for s in stages
-          if any(k == p or k.startswith(p + ".") for k in changed for p in keys[s.name])]
+          if any(under(k, keys[s.name]) and not under(k, s.self_checked)
+                 for k in changed)]
+
+
+def under(key: str, prefixes: Iterable[str]) -> bool:
+  """Whether dotted `key` equals one of `prefixes` or lies below one."""
+  return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def existing_outputs(workdir: str, stage: Stage) -> list[str]:
@@ -225,41 +253,61 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
   """
   path = os.path.join(stage_dir, RECORD_FILE)
   current = flat_config(config)
+  closure = _closure(stages)
+  stored: dict[str, Any] = {}
+  stored_stages: dict[str, Any] = {}
   if os.path.exists(path):
     try:
-      stored = _with_added_keys(load_json(path).get("config", {}), current)
+      record = load_json(path)
+      stored = _with_added_keys(record.get("config", {}), current)
+      stored_stages = {name: _with_added_keys(values, current)
+                       for name, values in record.get("stages", {}).items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
       raise ValueError(f"{path} (the workdir's run record) cannot be read "
                        f"({type(e).__name__}); remove it to start the record anew "
                        "(stage outputs are checked on their own).") from None
-    differ = sorted(k for k in set(stored) | set(current)
-                    if stored.get(k) != current.get(k)
-                    and not any(k == p or k.startswith(p + ".") for p in ignore))
-    hit = [(s, existing_outputs(workdir, s)) for s in invalidated(stages, differ)]
-    hit = [(s, outs) for s, outs in hit if outs]
-    if hit and not invalidate:
-      shown = [os.path.relpath(o, workdir) for _, outs in hit for o in outs]
-      raise ValueError(
-          f"{workdir} holds a run whose config differs in "
-          f"{', '.join(f'{k} ({stored.get(k)!r} -> {current.get(k)!r})' for k in differ[:6])}"
-          f"{' ...' if len(differ) > 6 else ''}; that invalidates the stage(s) "
-          f"{', '.join(s.name for s, _ in hit)} ({', '.join(shown[:6])}"
-          f"{' ...' if len(shown) > 6 else ''}). Rerun with --invalidate to recompute "
-          "only those (everything else is kept), or use a new --workdir.")
-    if hit and jax.process_index() == 0:
-      for stage, outs in hit:
-        for out in outs:
-          logging.warning("config changed: removing %s (stage %s)", out, stage.name)
-          if os.path.isdir(out):
-            shutil.rmtree(out)
-          else:
-            os.remove(out)
-          meta = _meta_path(out)
-          if os.path.exists(meta) and not os.path.isdir(out):
-            os.remove(meta)
+  # Each stage is compared with the values its outputs were last made with (the main
+  # command and the sweep share a workdir and may differ in, e.g., ReSt's rate: each
+  # sees only its own stages' values; a record without them: its last run's config).
+  changes: dict[str, tuple[Any, Any]] = {}
+  hit = []
+  for stage in stages:
+    outs = existing_outputs(workdir, stage)
+    made_with = stored_stages.get(stage.name, stored)
+    differ = [k for k in current
+              if under(k, closure[stage.name]) and not under(k, stage.self_checked)
+              and not under(k, ignore) and made_with.get(k) != current[k]]
+    if outs and differ:
+      hit.append((stage, outs))
+      changes.update({k: (made_with.get(k), current[k]) for k in differ})
+  if hit and not invalidate:
+    shown = [os.path.relpath(o, workdir) for _, outs in hit for o in outs]
+    keys = sorted(changes)
+    raise ValueError(
+        f"{workdir} holds a run whose config differs in "
+        f"{', '.join(f'{k} ({changes[k][0]!r} -> {changes[k][1]!r})' for k in keys[:6])}"
+        f"{' ...' if len(keys) > 6 else ''}; that invalidates the stage(s) "
+        f"{', '.join(s.name for s, _ in hit)} ({', '.join(shown[:6])}"
+        f"{' ...' if len(shown) > 6 else ''}). Rerun with --invalidate to recompute "
+        "only those (everything else is kept), or use a new --workdir.")
+  if hit and jax.process_index() == 0:
+    for stage, outs in hit:
+      for out in outs:
+        logging.warning("config changed: removing %s (stage %s)", out, stage.name)
+        if os.path.isdir(out):
+          shutil.rmtree(out)
+        else:
+          os.remove(out)
+        meta = _meta_path(out)
+        if os.path.exists(meta) and not os.path.isdir(out):
+          os.remove(meta)
   if jax.process_index() == 0:
     os.makedirs(stage_dir, exist_ok=True)
-    atomic.write_json(path, {"format": RECORD_FORMAT, "config": current})
+    # Keys and stages only the other driver has are kept for its next run.
+    atomic.write_json(path, {
+        "format": RECORD_FORMAT, "config": {**stored, **current},
+        "stages": {**stored_stages, **{stage.name: select_keys(current, closure[stage.name])
+                                       for stage in stages}}})
 
 
 # ------------------------------------------------------------------- validation

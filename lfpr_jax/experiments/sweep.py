@@ -46,10 +46,12 @@ import io
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -68,13 +70,18 @@ from lfpr_jax.training import loop
 GRID_KEYS = ("sweep.criteria", "sweep.restorations", "sweep.constraints", "sweep.costs",
              "sweep.seeds")
 MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress") + GRID_KEYS
+# Keys a cell reads only through its restoration: each cell records those of its own
+# (`cell_depends_on`), so retuning ReSt's schedule at one constraint recomputes the
+# ReSt cells at that constraint and nothing else.
+RESTORATION_KEYS = ("rest", "sweep.finetune", "sweep.kwon_tune_samples")
 STAGES = (
     stages.Stage("sweep scores", ("sweep/scores/*",),
                  ("prune", "sweep.alg_normalize_by_layer"), ("t*",)),
     stages.Stage("sweep cells", ("sweep/cells/*", "sweep/results.*", "sweep/summary.md",
                                  "sweep/accuracy_vs_params.png", "sweep/metadata.json"),
                  ("rest", "eval", "sweep"), ("sweep scores", "pseudo-labels",
-                                             "unpruned evaluation")),
+                                             "unpruned evaluation"),
+                 self_checked=RESTORATION_KEYS),
 )
 
 
@@ -220,15 +227,39 @@ def mmt_macs(config) -> int:
   return sum(costs.layer_cost(h, f) for h, f in zip(config.mmt_heads, config.mmt_ffn))
 
 
-def cell_depends_on(s: common.Setup) -> dict[str, Any]:
-  """What every cell's result is a function of: the "sweep cells" stage's config keys
-  without the grid's coordinates (`GRID_KEYS`; the cell's name is added per cell)."""
-  return {k: v for k, v in s.depends_on("sweep cells").items()
-          if not any(k == g or k.startswith(g + ".") for g in GRID_KEYS)}
+def cell_depends_on(stage_values: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
+  """What one cell's result is a function of.
+
+  Args:
+    stage_values: the "sweep cells" stage's config values (`Setup.depends_on`).
+    cell: the cell (its name is added: it carries the grid's coordinates).
+
+  Returns:
+    The stage's values without the grid's lists (`GRID_KEYS`) and without the
+    restoration keys (`RESTORATION_KEYS`) other than the cell's own: a ReSt cell reads
+    `rest.*` with only its constraint's schedule entry (`rest.schedule@<c>`), full
+    fine-tuning `sweep.finetune.*` and the `rest.*` settings it shares (batch size,
+    clipping, seeds; not the schedules or rates), Kwon's restorations
+    `sweep.kwon_tune_samples`, `none` none of them.
+  """
+  base = {k: v for k, v in stage_values.items()
+          if not stages.under(k, GRID_KEYS + RESTORATION_KEYS)}
+  own: dict[str, Any] = {}
+  rest_keys = {k: v for k, v in stage_values.items() if stages.under(k, ("rest",))
+               and k not in ("rest.schedule", "rest.thre_schedule")}
+  if cell.restoration == "rest":
+    entry = {float(c): [pct, k] for c, pct, k in stage_values["rest.schedule"]}
+    own = {**rest_keys, f"rest.schedule@{cell.constraint:g}": entry.get(cell.constraint)}
+  elif cell.restoration == "finetune":
+    own = {**{k: v for k, v in rest_keys.items() if k not in ("rest.lr", "rest.mask_lr")},
+           **stages.select_keys(stage_values, ("sweep.finetune",))}
+  elif cell.restoration in ("kwon", "kwon_lf"):
+    own = stages.select_keys(stage_values, ("sweep.kwon_tune_samples",))
+  return {**base, **own, "cell": cell.name}
 
 
-def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
-             ) -> dict:
+def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels, *,
+             invalidate: bool = False) -> dict:
   """Selection under the cell's cost, restoration, evaluation of one cell (cached).
 
   Args:
@@ -237,9 +268,20 @@ def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
     scores: criterion name -> (Scores, seconds) of every criterion the grid uses
       (and `lfpr` when a `kwon_lf` cell rearranges with its gradients).
     labels: the pseudo-labels (ReSt), or None.
+    invalidate: recompute the cell when its stored result disagrees with
+      `cell_depends_on` (its whole directory, ReSt checkpoints included, is removed).
   """
   config = s.config
   directory = os.path.join(s.workdir, "sweep", "cells", cell.name)
+  result_path = os.path.join(directory, "result.json")
+  depends_on = cell_depends_on(s.depends_on("sweep cells"), cell)
+  stale = stages.stale_reason(result_path, depends_on)
+  if stale and not invalidate:   # the whole cell goes: its ReSt checkpoints too
+    raise stages.StageError(f"{result_path} {stale}: delete {directory} to recompute "
+                            "the cell, or rerun with --invalidate.")
+  if stale and jax.process_index() == 0:
+    logging.warning("config changed: removing %s (its result %s)", directory, stale)
+    shutil.rmtree(directory)
   crit_scores, score_seconds = scores[cell.criterion]
   lfpr_scores = None
   if cell.restoration == "kwon_lf":
@@ -280,8 +322,7 @@ def run_cell(cell: Cell, s: common.Setup, scores: Mapping[str, tuple], labels
             "full_checkpoint_mb": full_mb, "delta_checkpoint_mb": delta_mb,
             "cfg_head": list(pconfig.mmt_heads), "cfg_ffn": list(pconfig.mmt_ffn),
             **info}
-  row, _ = stages.cached(os.path.join(directory, "result.json"), compute,
-                         depends_on={**cell_depends_on(s), "cell": cell.name})
+  row, _ = stages.cached(result_path, compute, depends_on=depends_on)
   return row
 
 
@@ -611,7 +652,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if "latency" in config.sweep.costs:
     common.latency_table(s)   # timed here, not inside the first latency cell's time
   # ------------------------------------------------------------------------ cells
-  rows = [run_cell(cell, s, scores, labels) for cell in cells]
+  rows = [run_cell(cell, s, scores, labels, invalidate=invalidate) for cell in cells]
 
   # ---------------------------------------------------------------------- outputs
   if jax.process_index() == 0:

@@ -3,6 +3,7 @@ stage (data, base model, t*, importance, selection, surgery, pseudo-labels, ReSt
 evaluation), prints the table, and a second run reuses every stage."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,21 @@ def test_main_tiny_runs_the_pipeline_and_reuses_it(tmp_path):
   assert [r.split(" | ")[0] for r in rows] == ["| lfpr + none", "| lfpr + rest"], rows
   assert ((tmp_path / "sweep" / "results.csv").read_text().splitlines()[1:]
           == [l for l in lines[1:] if l.startswith(("lfpr + none,", "lfpr + rest,"))])
+  # The main command again in the same workdir, then the sweep: each driver's keys
+  # stay in the record, so neither sees the other's as a change.
+  again = _main(tmp_path, "--config.rest.lr=0.1")
+  assert again.returncode == 0 and "ReSt" not in again.stderr, again.stderr[-3000:]
+  # Another ReSt schedule entry at 0.4: only the ReSt cells depend on it.
+  changed = ("--config.rest.schedule=((0.4,100,1),)",
+             "--config.sweep.restorations=('none','rest','kwon')")
+  stale = _main(tmp_path, *changed, config="configs/sweep_synthetic.py:tiny")
+  assert stale.returncode == 1 and "rest.schedule@0.4" in stale.stderr, stale.stderr
+  assert "--invalidate" in stale.stderr.splitlines()[-1]
+  redo = _main(tmp_path, *changed, "--invalidate", config="configs/sweep_synthetic.py:tiny")
+  assert redo.returncode == 0, redo.stderr[-3000:]
+  evaluated = sorted(set(re.findall(r"eval ([\w-]+-params-0\.4)", redo.stderr)))
+  assert evaluated == ["fisher-rest-params-0.4", "lfpr-rest-params-0.4"], evaluated
+  assert (tmp_path / "sweep" / "cells" / "lfpr-finetune-params-0.4").is_dir()  # kept
 
 
 def test_bad_config_value_is_one_line_before_any_work(tmp_path):

@@ -153,3 +153,50 @@ def test_microbatches_added_later_count_as_one(tmp_path, key):
                        depends_on={"seed": 0, key: 1})[0] == {"v": 1}
   with pytest.raises(stages.StageError, match=rf"differs in {key}"):
     stages.cached(path, lambda: {}, depends_on={"seed": 0, key: 2})
+
+
+def test_each_stage_is_compared_with_the_values_it_was_made_with(tmp_path):
+  """Two drivers share a workdir: the first's targets were made at rest.lr 0.1, the
+  second ran at 1e-3 and has no targets stage; the first is then reusable at 0.1
+  (its own record), and refused at 1e-3 naming 0.1 as the old value."""
+  stage_dir = str(tmp_path / "lfpr")
+  fast = _config()
+  fast.rest.lr = 0.1
+  stages.check_run_record(fast, str(tmp_path), stage_dir, STAGES)
+  _populate(tmp_path)
+  other = _config()
+  other.sweep = ml_collections.ConfigDict({"criteria": ["l1"]})
+  stages.check_run_record(other, str(tmp_path), stage_dir, STAGES[:3])
+  stages.check_run_record(fast, str(tmp_path), stage_dir, STAGES)   # no change
+  with pytest.raises(ValueError, match=r"rest\.lr \(0\.1 -> 0\.001\).*stage\(s\) "
+                     r"targets \(lfpr/sum_0\.4"):
+    stages.check_run_record(_config(), str(tmp_path), stage_dir, STAGES)
+  # The other driver's keys stay in the record: its next run sees no change either.
+  record = json.loads((tmp_path / "lfpr" / "config.json").read_text())
+  assert record["config"]["sweep.criteria"] == ["l1"]
+  assert record["stages"]["targets"]["rest.lr"] == 0.1
+
+
+def test_self_checked_keys_leave_the_stage_to_its_outputs(tmp_path):
+  stage_list = STAGES[:3] + (stages.Stage("targets", ("lfpr/sum_*",), ("prune", "rest"),
+                                          ("importance",), self_checked=("rest",)),)
+  stage_dir = str(tmp_path / "lfpr")
+  stages.check_run_record(_config(), str(tmp_path), stage_dir, stage_list)
+  _populate(tmp_path)
+  changed = _config()
+  changed.rest.lr = 0.5
+  stages.check_run_record(changed, str(tmp_path), stage_dir, stage_list)
+  assert (tmp_path / "lfpr" / "sum_0.4" / "result.json").exists()
+  with pytest.raises(ValueError, match="targets"):   # other keys still count
+    stages.check_run_record(_config(num_samples=9), str(tmp_path), stage_dir, stage_list)
+
+
+def test_stale_reason(tmp_path):
+  path = str(tmp_path / "out.json")
+  assert stages.stale_reason(path, {"a": 1}) is None          # nothing there yet
+  stages.cached(path, lambda: {"v": 1}, depends_on={"a": 1})
+  assert stages.stale_reason(path, {"a": 1}) is None
+  assert stages.stale_reason(path, {"a": 2}) == (
+      "was produced by a different run (differs in a)")
+  (tmp_path / "out.json").write_text('{"v": 2}')
+  assert "is corrupt" in stages.stale_reason(path, {"a": 1})

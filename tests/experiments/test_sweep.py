@@ -10,7 +10,34 @@ import numpy as np
 import pytest
 
 from configs.sweep_synthetic import get_config
-from lfpr_jax.experiments import config_checks, stages, sweep
+from lfpr_jax.experiments import common, config_checks, stages, sweep
+
+
+def test_cell_depends_on_its_own_restoration_only():
+  config = get_config("full")
+  values = stages.depends_on(config, common.SHARED_STAGES + sweep.STAGES,
+                             "sweep cells")
+  cell = lambda r, c=0.4: sweep.Cell("lfpr", r, c)
+  deps = {r: sweep.cell_depends_on(values, cell(r))
+          for r in ("none", "rest", "finetune", "kwon", "kwon_lf")}
+  assert deps["rest"]["rest.schedule@0.4"] == [100, 2]
+  assert "rest.schedule" not in deps["rest"]
+  assert deps["rest"]["cell"] == "lfpr-rest-params-0.4"
+  for r, d in deps.items():
+    assert not any(k.startswith(("sweep.criteria", "sweep.constraints")) for k in d), r
+    assert d["eval.batch_size"] == config.eval.batch_size and "prune.group_size" in d, r
+  assert not any(k.startswith(("rest.", "sweep.finetune", "sweep.kwon"))
+                 for k in deps["none"])
+  assert "sweep.kwon_tune_samples" in deps["kwon"] and "rest.lr" not in deps["kwon_lf"]
+  assert "sweep.finetune.lr" in deps["finetune"] and "rest.lr" not in deps["finetune"]
+  assert deps["finetune"]["rest.batch_size"] == config.rest.batch_size
+  # Another schedule entry at 0.4 changes the ReSt cell at 0.4 only.
+  other = dict(values, **{"rest.schedule": [[0.2, 100, 3], [0.4, 73, 2],
+                                            [0.6, 10, 0], [0.8, 10, 0]]})
+  for r in deps:
+    assert (sweep.cell_depends_on(other, cell(r)) != deps[r]) == (r == "rest"), r
+  assert (sweep.cell_depends_on(other, cell("rest", 0.2))
+          == sweep.cell_depends_on(values, cell("rest", 0.2)))
 
 
 def test_grid_and_bad_names():
