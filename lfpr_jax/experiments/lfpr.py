@@ -126,9 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       lambda: scoring.compute(
           "lfpr", s.model, s.rep_params,
           common.batches(s, indices=s.samples, local_batch=s.score_local,
-                         desc="importance"),
+                         desc="importance", trim=config.trim),
           mesh=s.mesh, group_size=p.group_size, seed=config.seed,
-          keep_batch_grads=False, t_star=t_star, bos_index=s.data.vocab.bos_idx,
+          keep_batch_grads=False, trimmed=config.trim, t_star=t_star, bos_index=s.data.vocab.bos_idx,
           dropout=p.dropout),
       depends_on=s.depends_on("importance"),
       save=lambda path, v: v.save(path), load=scoring.Scores.load)

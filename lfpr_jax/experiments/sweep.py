@@ -125,10 +125,13 @@ def cells_of(config: ml_collections.ConfigDict) -> list[Cell]:
           if not (r == "kwon_lf" and is_labelled(c))]
 
 
-def label_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
-  """Global batches of labelled training examples (labelled criteria, Kwon tuning)."""
+def label_batches(s: common.Setup, indices: np.ndarray, *, trim: bool = False
+                  ) -> list:
+  """Global batches of labelled training examples (labelled criteria, Kwon tuning);
+  `trim`: `(batch, trimmed config, TrimInfo)` triples (`common.batches`)."""
   return list(common.batches(s, indices=indices, local_batch=s.score_local,
-                             fields=STEP_FIELDS + ("has_answers",), progress=False))
+                             fields=STEP_FIELDS + ("has_answers",), progress=False,
+                             trim=trim))
 
 
 def input_batches(s: common.Setup, indices: np.ndarray) -> list[dict]:
@@ -158,9 +161,10 @@ def criterion_scores(name: str, s: common.Setup, t_star: int
   crit = criteria.get_criterion(name, **options)
 
   def compute():
-    data = label_batches(s, s.samples) if crit.needs_data else None
+    data = label_batches(s, s.samples, trim=config.trim) if crit.needs_data else None
     return scoring.compute(crit, s.model, s.rep_params, data, mesh=s.mesh,
-                           group_size=p.group_size, seed=config.seed)
+                           group_size=p.group_size, seed=config.seed,
+                           trimmed=config.trim)
   return stages.cached(os.path.join(s.workdir, "sweep", "scores", f"{name}.npz"),
                        compute, depends_on={**s.depends_on("sweep scores"),
                                             "criterion": name},
@@ -235,7 +239,8 @@ def cell_depends_on(stage_values: Mapping[str, Any], cell: Cell) -> dict[str, An
     cell: the cell (its name is added: it carries the grid's coordinates).
 
   Returns:
-    The stage's values without the grid's lists (`GRID_KEYS`) and without the
+    The stage's values without the keys a run may change freely (`MUTABLE_KEYS`:
+    the grid's lists, the main command's targets) and without the
     restoration keys (`RESTORATION_KEYS`) other than the cell's own: a ReSt cell reads
     `rest.*` with only its constraint's schedule entry (`rest.schedule@<c>`), full
     fine-tuning `sweep.finetune.*` and the `rest.*` settings it shares (batch size,
@@ -243,7 +248,7 @@ def cell_depends_on(stage_values: Mapping[str, Any], cell: Cell) -> dict[str, An
     `sweep.kwon_tune_samples`, `none` none of them.
   """
   base = {k: v for k, v in stage_values.items()
-          if not stages.under(k, GRID_KEYS + RESTORATION_KEYS)}
+          if not stages.under(k, MUTABLE_KEYS + RESTORATION_KEYS)}
   own: dict[str, Any] = {}
   rest_keys = {k: v for k, v in stage_values.items() if stages.under(k, ("rest",))
                and k not in ("rest.schedule", "rest.thre_schedule")}

@@ -9,7 +9,7 @@ accepted in any of three spellings: `obj_num` / `image_info_0.max_features` /
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +33,15 @@ LOSS_FIELDS: tuple[str, ...] = ("targets", "train_loss_mask")
 # A teacher-forced training step reads all three.
 STEP_FIELDS: tuple[str, ...] = MODEL_INPUTS + DECODER_INPUTS + LOSS_FIELDS
 INT_FIELDS = ("cmb_text", "obj_num", "ocr_num", "train_prev_inds")
+# What a trimmed batch adds (`lfpr_jax.models.trim`): the padded text column of each
+# kept wordpiece, read by the model when present.
+TRIM_FIELDS: tuple[str, ...] = ("text_position_ids",)
+
+
+def select(batch: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+  """`fields` of `batch`, plus the `TRIM_FIELDS` a trimmed batch carries."""
+  return {k: batch[k] for k in tuple(fields) + TRIM_FIELDS
+          if k in batch or k not in TRIM_FIELDS}
 
 
 def field_shapes(c: TapConfig, batch_size: int, steps: int | None = None

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS
+from lfpr_jax.models.batch import MODEL_INPUTS, STEP_FIELDS, select
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.losses import m4c_decoding_bce
@@ -332,14 +332,14 @@ class Lfpr(Criterion):
     t_star, bos_index = int(self.t_star), int(self.bos_index)
     if self.dropout:
       def fn(params, batch, rng):
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        inputs = select(batch, MODEL_INPUTS)
         return group_mask_grads(model, params, inputs, batch["weight"], rng,
                                 t_star=t_star, bos_index=bos_index,
                                 group_size=group_size)[1:]
     else:
       def fn(params, batch, rng):
         del rng
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        inputs = select(batch, MODEL_INPUTS)
         return per_sample_mask_grads(model, params, inputs, batch["weight"],
                                      t_star=t_star, bos_index=bos_index)[1:]
     return fn
@@ -369,7 +369,7 @@ class _Labelled(Criterion):
   def grads_fn(self, model: TAP, *, group_size: int) -> GradsFn:
     def fn(params, batch, rng):
       del rng
-      batch = {k: batch[k] for k in STEP_FIELDS + ("weight",)}
+      batch = select(batch, STEP_FIELDS + ("weight",))
       return group_loss_mask_grads(model, params, batch, group_size=group_size)
     return fn
 

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lfpr_jax import atomic
+from lfpr_jax.models.batch import select
 from lfpr_jax.pruning import criteria
 from lfpr_jax.pruning.selection import check_importances
 from lfpr_jax.training import parallel
@@ -269,7 +270,8 @@ def make_grads_fn(criterion: criteria.Criterion, model: Any, mesh: Optional[Mesh
 def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTree,
             batches: Optional[Iterable[Mapping[str, Any]]] = None, *,
             mesh: Optional[Mesh] = None, group_size: int = 8, seed: int = 0,
-            keep_batch_grads: bool = True, **options: Any) -> Scores:
+            keep_batch_grads: bool = True, trimmed: bool = False,
+            **options: Any) -> Scores:
   r"""Scores every head and neuron of the unpruned `model` with one criterion.
 
   Args:
@@ -284,6 +286,13 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
     group_size: samples per batch gradient G_b (LFPR and the baselines: 8).
     seed: the dropout key of LFPR's faithful (dropout-on) scoring.
     keep_batch_grads: keep the G_b in the result (Kwon's rearrangement).
+    trimmed: the batches are `(global batch, trimmed config, TrimInfo)` triples of
+      `parallel.trimmed_global_batches` (exact variable-length execution,
+      `lfpr_jax.models.trim`): each runs with the model of its trimmed config, one
+      jitted program per shape. The mask gradients do not depend on the trimming in
+      eval mode (dropout off); with LFPR's faithful dropout the masks are drawn for
+      other shapes, an equally distributed but different draw. The batch composition
+      is the caller's (the faithful per-batch score needs upstream's).
     options: the criterion's options (`lfpr`: t_star, bos_index, dropout; `alg`:
       normalize_by_layer, normalize_ffn_by_layer, global_minmax).
 
@@ -304,7 +313,15 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
     return Scores(crit.name, head, ffn, meta=crit.options())
   if batches is None:
     raise ValueError(f"criterion {crit.name!r} scores from data: pass batches.")
-  grads = make_grads_fn(crit, model, mesh, group_size=group_size)
+  # One jitted gradient function per (trimmed) config.
+  grads_fns: dict[Any, Any] = {}
+
+  def grads_for(config):
+    if config not in grads_fns:
+      grads_fns[config] = make_grads_fn(crit, model.clone(config=config), mesh,
+                                        group_size=group_size)
+    return grads_fns[config]
+  grads_for(model.config)   # the criterion's own checks, before any batch is read
   # Weights, ids and answer flags to the host (all processes see the global rows).
   host_fields = ("weight", "question_id") + (("has_answers",) if crit.needs_labels
                                              else ())
@@ -312,7 +329,8 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
   acc = Accumulator(hs, fs, group_size=group_size, keep_batches=keep_batch_grads)
   rng = jax.random.key(seed)
   next_id = 0
-  for i, batch in enumerate(batches):
+  for i, item in enumerate(batches):
+    batch, config = (item[0], item[1]) if trimmed else (item, model.config)
     batch = dict(batch)
     n = np.shape(batch["cmb_text"])[0]
     if n % group_size:
@@ -333,8 +351,8 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
     w, q = host["weight"], host["question_id"]
     if crit.needs_labels:
       criteria.check_labels(crit, host["has_answers"], weight=w, what=f"batch {i}")
-    gh, gf = (np.asarray(x) for x in grads(
-        params, {k: batch[k] for k in crit.fields + ("weight",)}, rng))
+    gh, gf = (np.asarray(x) for x in grads_for(config)(
+        params, select(batch, crit.fields + ("weight",)), rng))
     if crit.per_sample:
       keep = w > 0
       acc.add_samples(gh[keep], gf[keep], q[keep])

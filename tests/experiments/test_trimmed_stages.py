@@ -145,3 +145,35 @@ def test_tstar_trimmed_and_sorted_equals_padded(tiny, batch_search):
       [b for batch in make_loader(tiny.data.built_dir, "train", LOCAL, shuffle=False,
                                   drop_remainder=False, indices=tiny.samples)
        for b in batch["question_id"]])]
+
+
+@pytest.mark.parametrize("criterion", ["lfpr", "fisher", "alg"])
+def test_scoring_trimmed_equals_padded(tiny, criterion):
+  """Mask gradients of every gradient criterion through trimmed batches (one program
+  per shape, upstream's batch composition) equal the padded ones up to float noise."""
+  from lfpr_jax.models.batch import STEP_FIELDS
+  from lfpr_jax.pruning import scoring
+  s = tiny
+  fields = MODEL_INPUTS if criterion == "lfpr" else STEP_FIELDS + ("has_answers",)
+  options = (dict(t_star=2, bos_index=s.data.vocab.bos_idx, dropout=False)
+             if criterion == "lfpr" else {})
+
+  def run(trim):
+    batches = common.batches(s, indices=s.samples, local_batch=LOCAL, fields=fields,
+                             trim=trim, progress=False)
+    return scoring.compute(criterion, s.model, s.rep_params, batches, mesh=s.mesh,
+                           group_size=4, trimmed=trim, **options)
+  padded, cut = run(False), run(True)
+  np.testing.assert_array_equal(cut.question_ids, padded.question_ids)
+  assert padded.num_samples == 40 and padded.head_grads.shape[0] == 10
+  for name in ("head", "ffn", "head_grads", "ffn_grads", "head_per_sample",
+               "ffn_per_sample"):
+    want, got = getattr(padded, name), getattr(cut, name)
+    if want is None:
+      assert got is None and criterion != "lfpr", name
+      continue
+    assert np.abs(want).max() > 0, name
+    # Float noise: the loss sums fewer (exactly zero) columns in another order; the
+    # parity tests' gradient tolerance (GRAD_RTOL 1e-4).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                               err_msg=name)
