@@ -25,7 +25,8 @@ from lfpr_jax.models.params import count_params, init_params
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import checkpointing, loop, optim, parallel
 from lfpr_jax.training.evaluate import evaluate
-from lfpr_jax.training.step import init_state, make_predict, make_train_step
+from lfpr_jax.training.step import (init_state, make_predict, make_train_step,
+                                   make_trimmed_train_step)
 
 
 def question_only_batch(batch: Mapping[str, Any], question_len: int) -> dict[str, Any]:
@@ -96,7 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             warmup_factor=o.warmup_factor,
                             decay_steps=tuple(o.decay_steps),
                             decay_ratio=o.decay_ratio, clip_norm=o.clip_norm)
-  step_fn = make_train_step(model, tx, mesh, microbatches=t.get("microbatches", 1))
+  # Exact variable-length execution (`config.trim`): one compiled step per shape.
+  trim = bool(config.get("trim", False))
+  step_fn = (make_trimmed_train_step if trim else make_train_step)(
+      model, tx, mesh, microbatches=t.get("microbatches", 1))
   predict = make_predict(model, mesh, data.vocab.bos_idx)
   loader = make_loader(data.built_dir, "train", local_batch, seed=config.seed,
                        num_epochs=None)
@@ -120,12 +124,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       tqdm.tqdm.write(f"step {step}: val accuracy {acc:.4f}")
     return {"val_accuracy": acc}
 
-  def batches_from(start: int) -> Iterator[dict]:
+  def batches_from(start: int) -> Iterator[Any]:
     local = (_step_batch(b, c.question_len, question_only, c.num_answers)
              for b in loader)
-    return parallel.global_batches(local, local_batch=local_batch,
-                                   num_batches=t.num_steps - start, mesh=mesh,
-                                   fields=STEP_FIELDS, progress=False)
+    kw = dict(local_batch=local_batch, num_batches=t.num_steps - start, mesh=mesh,
+              fields=STEP_FIELDS, progress=False)
+    if trim:
+      return parallel.trimmed_global_batches(local, trim=parallel.Trim(c), **kw)
+    return parallel.global_batches(local, **kw)
 
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, f"{out_name}_metrics.jsonl")

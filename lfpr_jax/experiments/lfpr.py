@@ -172,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           built_dir=s.data.built_dir, split="train", indices=subset,
           transforms=[transform], directory=os.path.join(d, "rest"), mesh=s.mesh,
           rng=jax.random.fold_in(jax.random.key(config.seed), 1), progress=s.progress,
-          log_path=os.path.join(d, "rest_metrics.jsonl"))
+          log_path=os.path.join(d, "rest_metrics.jsonl"), trim=config.trim)
       after, after_s = common.evaluate_stage(s, pruned_model, retrained,
                                        os.path.join(d, "eval_rest.json"),
                                        stage="targets",

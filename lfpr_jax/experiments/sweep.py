@@ -218,7 +218,7 @@ def _restore(cell: Cell, s: common.Setup, sel, scores, lfpr_scores, labels,
       built_dir=s.data.built_dir, split="train", indices=subset,
       transforms=transforms, directory=os.path.join(directory, "ckpt_run"),
       mesh=s.mesh, rng=jax.random.fold_in(jax.random.key(config.seed), 1),
-      progress=s.progress)
+      progress=s.progress, trim=config.trim)
   trainable = (rest.trainable_params(retrained, pconfig, layers)
                if cell.restoration == "rest" else retrained)
   return retrained, pconfig, {"steps": summary["steps"], "percent": percent,

@@ -38,7 +38,8 @@ from lfpr_jax.models.batch import STEP_FIELDS
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import checkpointing, optim, parallel
-from lfpr_jax.training.step import TrainState, init_state, make_train_step
+from lfpr_jax.training.step import (TrainState, init_state, make_train_step,
+                                   make_trimmed_train_step)
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -218,7 +219,7 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
                  rng: jax.Array, progress: bool = True,
                  log: Optional[Callable[[dict], None]] = None,
                  log_path: Optional[str] = None, stop_after: Optional[int] = None,
-                 desc: str = "ReSt") -> tuple[PyTree, dict[str, Any]]:
+                 desc: str = "ReSt", trim: bool = False) -> tuple[PyTree, dict[str, Any]]:
   """One epoch over `indices` of `split`, training the leaves `rules` name.
 
   Adam per group (`"base"` at `settings.lr`, `"mask"` at `settings.mask_lr`),
@@ -241,6 +242,8 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
     log, log_path: per-step metric records (see `run_steps`).
     stop_after: see `run_steps`.
     desc: the run's name in the progress bar and errors.
+    trim: exact variable-length execution (`step.make_trimmed_train_step`): every
+      global batch is cut to bucketed segment lengths, one compiled step per shape.
 
   Returns:
     (params, summary): all parameters on the host, and `run_steps`'s summary plus
@@ -277,18 +280,21 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
 
   loader = local_loader(local_indices)
 
-  def batches_from(start: int) -> Iterator[Batch]:
+  def batches_from(start: int) -> Iterator[Any]:
     # A process with no rows in the last, partial global batch pads with its first
     # batch (loss mask 0) - also when resumed right before that batch.
-    return parallel.global_batches(
-        loader, local_batch=local_batch, num_batches=num_steps - start, mesh=mesh,
-        fields=STEP_FIELDS, progress=False,
-        fill=lambda: next(local_loader(local_indices[:local_batch])))
+    kw = dict(local_batch=local_batch, num_batches=num_steps - start, mesh=mesh,
+              fields=STEP_FIELDS, progress=False,
+              fill=lambda: next(local_loader(local_indices[:local_batch])))
+    if trim:
+      return parallel.trimmed_global_batches(loader, trim=parallel.Trim(model_config),
+                                             **kw)
+    return parallel.global_batches(loader, **kw)
 
-  step_fn = make_train_step(TAP(model_config), tx, mesh,
-                            loss_shards=settings.loss_shards,
-                            fixed_dropout_key=settings.fixed_dropout_key,
-                            microbatches=settings.microbatches)
+  make_step = make_trimmed_train_step if trim else make_train_step
+  step_fn = make_step(TAP(model_config), tx, mesh, loss_shards=settings.loss_shards,
+                      fixed_dropout_key=settings.fixed_dropout_key,
+                      microbatches=settings.microbatches)
   state, summary = run_steps(
       step_fn, state, frozen, batches_from, rng, num_steps=num_steps, mesh=mesh,
       directory=os.path.join(directory, "ckpt"), loader=loader,

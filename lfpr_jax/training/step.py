@@ -210,6 +210,30 @@ def make_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh, *,
       out_shardings=(rep, rep), donate_argnums=(0,))
 
 
+def make_trimmed_train_step(model: TAP, tx: optax.GradientTransformation, mesh: Mesh,
+                            **kwargs: Any) -> Callable[..., tuple[TrainState, dict]]:
+  """`make_train_step` over trimmed batches: one jitted step per trimmed shape.
+
+  The returned `step(state, frozen, item, rng)` takes the `(global batch, trimmed
+  config, TrimInfo)` triples of `parallel.trimmed_global_batches` and runs the step of
+  `model` rebuilt with the trimmed config (`lfpr_jax.models.trim`; no parameter shape
+  depends on it). The M4C loss sums over answer columns, and a dropped OCR column
+  holds target 0 at the masked score, so with dropout off the loss and gradients are
+  the padded step's up to float summation order; with dropout on the masks are drawn
+  for other shapes (the same distribution, other masks). `kwargs`: as
+  `make_train_step`. `step.num_specialisations()` counts the compiled shapes.
+  """
+  steps: dict[Any, Callable[..., tuple[TrainState, dict]]] = {}
+
+  def step(state, frozen, item, rng):
+    batch, config, _ = item
+    if config not in steps:
+      steps[config] = make_train_step(model.clone(config=config), tx, mesh, **kwargs)
+    return steps[config](state, frozen, batch, rng)
+  step.num_specialisations = lambda: len(steps)
+  return step
+
+
 def make_predict(model: TAP, mesh: Mesh, bos_index: int) -> Callable[..., Array]:
   """Jitted greedy decoding returning the per-step argmax indices `[B, T]`."""
   def predict(params, batch):

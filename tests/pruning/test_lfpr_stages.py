@@ -21,6 +21,7 @@ from lfpr_jax.pruning import rest
 from lfpr_jax.pruning import surgery
 from lfpr_jax.training import loop
 from lfpr_jax.training import optim
+from lfpr_jax.training import step as train_step
 from lfpr_jax.data.answers import decode_answer, process_answers
 from lfpr_jax.data.pipeline import decode_strings, make_loader
 from lfpr_jax.models.config import TapConfig
@@ -115,7 +116,8 @@ def test_pseudo_labels_cover_train_and_rebuild_targets(tiny):
     assert decode_strings(out["answers"]) == [answer] * 10
 
 
-def _retrain(tiny, directory, *, devices=None, stop_after=None, steps=None, layers=1):
+def _retrain(tiny, directory, *, devices=None, stop_after=None, steps=None, layers=1,
+             trim=False):
   data = tiny["data"]
   settings = rest.RestSettings(percent=50, layers=layers, batch_size=8, ckpt_every=2,
                                lr=1e-3)
@@ -128,7 +130,7 @@ def _retrain(tiny, directory, *, devices=None, stop_after=None, steps=None, laye
       rules=rest.trainable_rules(tiny["pruned_config"], layers), settings=settings,
       built_dir=data.built_dir, split="train", indices=indices, transforms=[transform],
       directory=directory, mesh=parallel.make_mesh(devices), rng=jax.random.key(1),
-      progress=False, stop_after=stop_after)
+      progress=False, stop_after=stop_after, trim=trim)
 
 
 def _assert_trees(a, b, **kw):
@@ -149,6 +151,25 @@ def test_rest_data_parallel_equals_single_device_and_freezes(tiny, tmp_path):
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and changed <= trained       # frozen leaves are bit-identical
   assert any("mask" in k for k in changed)
+
+
+def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
+  """Trimmed ReSt (one compiled step per shape) trains the padded run's parameters up
+  to float noise (the tiny model has no dropout)."""
+  assert tiny["pruned_config"].hidden_dropout == 0.0
+  compiled = []
+  make = train_step.make_train_step
+
+  def counting(model, *args, **kwargs):
+    compiled.append(model.config)
+    return make(model, *args, **kwargs)
+  monkeypatch.setattr(train_step, "make_train_step", counting)
+  cut, s1 = _retrain(tiny, str(tmp_path / "cut"), steps=6, trim=True)
+  assert len(compiled) > 1 and all(c != tiny["pruned_config"] for c in compiled)
+  padded, s2 = _retrain(tiny, str(tmp_path / "padded"), steps=6)
+  assert s1["steps"] == s2["steps"] == 6
+  np.testing.assert_allclose(s1["final_loss"], s2["final_loss"], rtol=1e-5)
+  _assert_trees(cut, padded, rtol=2e-5, atol=2e-6)
 
 
 def test_rest_resume_equals_uninterrupted(tiny, tmp_path):
