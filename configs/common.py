@@ -140,8 +140,10 @@ def real_data_config(model: str, dataset: str, arg: str | None = None
   config.rest = rest_section(model, dataset)
   config.eval = ml_collections.ConfigDict(dict(batch_size=32))
   config.speed = speed_section()
-  # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
-  # stages: evaluation, pseudo-labels, t*; same results as the padded model.
+  # Exact variable-length execution (lfpr_jax.models.trim): evaluation, pseudo-labels
+  # and t* (length-sorted), importance scoring and ReSt (upstream's batch composition);
+  # the padded model's results up to float summation order (ReSt's dropout masks are
+  # drawn for the trimmed shapes: the same distribution, other masks).
   config.trim = True
   config.compute_dtype = COMPUTE_DTYPE
   config.progress = True

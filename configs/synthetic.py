@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     schedule=schedule)
   config.eval = ml_collections.ConfigDict(dict(batch_size=64))
   config.speed = common.speed_section()
-  # Exact variable-length execution (lfpr_jax.models.trim) of the order-free eval-mode
-  # stages (evaluation, pseudo-labels, t*) is off for this 1.17M-parameter model: its
+  # Exact variable-length execution (lfpr_jax.models.trim: evaluation, pseudo-labels,
+  # t*, scoring, base-model training and ReSt) is off for this 1.17M-parameter model: its
   # padded batches are cheap and every trimmed shape is a program to compile (one
   # val evaluation: 29 s trimmed vs 5 s padded, compile included, on 1 CPU core). The
   # full-size configs keep it on; `:tiny` turns it on so CI runs the trimmed stages.

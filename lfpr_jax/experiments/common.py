@@ -208,7 +208,7 @@ def batches(s: Setup, *, indices: Optional[np.ndarray], local_batch: int,
     fields: the numeric fields to keep.
     desc, progress: a progress bar (default `s.progress`).
     trim: yield `(global batch, trimmed config, TrimInfo)` triples
-      (`parallel.trimmed_global_batches`, for eval-mode stages only).
+      (`parallel.trimmed_global_batches`; exact in eval mode, `lfpr_jax.models.trim`).
     sort: read this process's shard sorted by length (`parallel.length_order`, one
       extra pass over the shard for the lengths); the rows carry `parallel.POSITION`,
       their index in the unsorted run, so results can be put back in that order. Only
