@@ -8,7 +8,8 @@ one program per trimmed shape):
   python -m benchmarks.trim_speed --stages eval --batch 16 --eval-pool 6 \
       --repeats 2 --simulate 50      # the evaluation pass only (about 4 minutes)
 
-Full-size TAP, float32, random weights (`init_params`). Batches follow a TextVQA-like
+Full-size TAP, float32 (`--compute-dtype bfloat16`: bfloat16 matmuls), random weights
+(`init_params`). Batches follow a TextVQA-like
 length distribution (`textvqa_like_lengths`): questions of 5-14 words (about 1.2
 wordpieces per word plus [CLS]/[SEP]), no OCR token for 15% of images, otherwise
 typically 5-40 tokens and rarely up to 100 (1.5 wordpieces each in the text stream),
@@ -19,6 +20,10 @@ to the batch's longest valid lengths, `trim.DEFAULT_BUCKETS` unless `--buckets`)
   forward   teacher-forced scores, eval mode (the trimmed one includes
             `restore_scores`, on device);
   greedy    cached greedy decoding, 12 steps (`greedy_decode`).
+  train_grad  value_and_grad of the M4C loss w.r.t. all params (eval mode, as
+            `benchmarks.precision`): the work of a training step (base model, ReSt);
+  mask_grad the scoring step: grad of the M4C loss w.r.t. the head and FFN masks (run
+            it with `--batch 8`, LFPR's scoring batch);
   eval      the greedy evaluation pass as `evaluate(config.trim)` runs it, over a pool
             of `--eval-pool` batches of TextVQA-like examples: padded in data order
             (one program) vs sorted by length (`parallel.length_order`) and trimmed on
@@ -40,12 +45,14 @@ several bucket sets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -53,11 +60,13 @@ from lfpr_jax.models import trim
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
+from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.params import init_params
 from lfpr_jax.models.tap import TAP
 from lfpr_jax.training import evaluate as evaluation
 from lfpr_jax.training import parallel
 
+STAGES = ("forward", "greedy", "eval", "train_grad", "mask_grad")
 BUCKET_SETS = {
     "pow2 (8,16,32,64) [default]": (8, 16, 32, 64),
     "multiples of 8": tuple(range(8, 100, 8)),
@@ -117,10 +126,15 @@ def make_batch(rng: np.random.Generator, config: TapConfig, lengths: np.ndarray
 
 
 def flop_fraction(config: TapConfig, trimmed: TapConfig) -> dict[str, float]:
-  return {"forward": common.forward_flops(trimmed)["total"]
-                     / common.forward_flops(config)["total"],
-          "greedy": common.greedy_cached_flops(trimmed)
-                    / common.greedy_cached_flops(config)}
+  """Trimmed / padded FLOPs per stage (the gradient stages: the forward's fraction,
+  backward FLOPs being proportional to the forward's)."""
+  forward = common.forward_flops(trimmed)["total"] / common.forward_flops(config)["total"]
+  return {"forward": forward, "train_grad": forward, "mask_grad": forward,
+          "greedy": _greedy_fraction(config, trimmed)}
+
+
+def _greedy_fraction(config: TapConfig, trimmed: TapConfig) -> float:
+  return common.greedy_cached_flops(trimmed) / common.greedy_cached_flops(config)
 
 
 def simulate(config: TapConfig, batch_size: int, n: int, seed: int) -> dict[str, Any]:
@@ -254,20 +268,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--sorted-pool", type=int, default=0,
                  help="if > 0: time batches cut from this many batches' worth of "
                       "examples sorted by total length (trim.sort_by_length)")
+  p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="matmul precision (TapConfig.compute_dtype)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="JSON output path")
   args = p.parse_args(argv)
   if args.batch < 1 or args.batches < 1 or args.repeats < 1:
     p.error("--batch, --batches and --repeats must be >= 1")
   args.stages = [s for s in args.stages.split(",") if s]
-  if not set(args.stages) <= {"forward", "greedy", "eval"} or not args.stages:
-    p.error("--stages must name forward, greedy and/or eval")
+  if not set(args.stages) <= set(STAGES) or not args.stages:
+    p.error(f"--stages must name some of {', '.join(STAGES)}")
   return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
-  config = common.make_config(args.arch)
+  config = dataclasses.replace(common.make_config(args.arch),
+                               compute_dtype=args.compute_dtype)
   buckets = (trim.DEFAULT_BUCKETS if args.buckets is None
              else tuple(int(x) for x in args.buckets.split(",")))
   rng = np.random.default_rng(args.seed)
@@ -281,7 +298,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     model = TAP(c)
     return lambda p, x: greedy_decode(model, {"params": p}, x)
 
-  stage_fns = {"forward": forward, "greedy": greedy}
+  def train_grad(c):
+    model = TAP(c)
+
+    def loss(p, x):
+      return m4c_decoding_bce(model.apply({"params": p}, x), x["targets"],
+                              x["train_loss_mask"])
+    return jax.value_and_grad(loss)
+
+  def mask_grad(c):
+    model = TAP(c)
+    ones = (jnp.ones((c.mmt_layers, c.mmt_heads[0]), jnp.float32),
+            jnp.ones((c.mmt_layers, c.mmt_ffn[0]), jnp.float32))
+
+    def loss(hm, fm, p, x):
+      return m4c_decoding_bce(model.apply({"params": p}, x, head_mask=hm, ffn_mask=fm),
+                              x["targets"], x["train_loss_mask"])
+    return lambda p, x: jax.grad(loss, argnums=(0, 1))(*ones, p, x)
+
+  stage_fns = {"forward": forward, "greedy": greedy, "train_grad": train_grad,
+               "mask_grad": mask_grad}
   batches = []
   if args.sorted_pool:
     # Batches cut from a sorted pool of sorted_pool batches (an order-free stage
@@ -362,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                f"{len(batches)} batches: speed-up x{tot_pad / tot_cut:.2f}, FLOP "
                f"fraction {results[stage]['flop_fraction']:.3f}")
   result = {
-      "arch": args.arch, "batch": args.batch, "batches": args.batches,
+      "arch": args.arch, "compute_dtype": args.compute_dtype,
+      "batch": args.batch, "batches": args.batches,
       "repeats": args.repeats, "buckets": list(buckets), "seed": args.seed,
       "sorted_pool": args.sorted_pool,
       "loadavg_before": load_before, "loadavg_after": loadavg(),
