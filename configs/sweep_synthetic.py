@@ -13,7 +13,8 @@ Variants (combine with flags, e.g. --config.sweep.seeds=5):
   `:full`   adds full fine-tuning, Kwon's retraining-free restoration (`kwon`) and its
             label-free variant (`kwon_lf`), and the FLOPs (MACs) and latency (this
             device's measured MMT table) constraints beside the parameter one
-            (`sweep.costs`).
+            (`sweep.costs`; full fine-tuning only under the parameter budget,
+            `sweep.finetune_costs`).
   `:flops`  the default grid with the constraint on MACs only ("best model at a
             given speed"); `:latency` the same on measured latency.
   `:tiny`   the CI smoke variant: one seed (run in the workdir itself, so it reuses
@@ -35,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       restorations=("none", "rest"),
       constraints=(0.2, 0.4, 0.6, 0.8),
       costs=("params",),  # and/or "flops" (Kwon's MACs), "latency" (measured table)
+      # The budgets full fine-tuning runs under (an epoch over all the data per cell:
+      # the costliest baseline, and a rate not tuned per budget): the parameter one.
+      finetune_costs=("params",),
       # Seeds: each shifts `seed` and `data.synthetic.seed` (a new dataset and base
       # model per seed, in <workdir>/seed_<i>/); 1 runs in the workdir itself.
       seeds=3,

@@ -137,6 +137,9 @@ def _check_sweep(c: Checker) -> None:
   c.check("sweep.costs", lambda v: not isinstance(v, str) and len(v) > 0
           and all(x in kinds for x in v) and len(set(v)) == len(v),
           "a non-empty list of distinct cost kinds from " + ", ".join(kinds))
+  c.check("sweep.finetune_costs", lambda v: not isinstance(v, str)
+          and all(x in kinds for x in v) and len(set(v)) == len(v),
+          "a list of distinct cost kinds from " + ", ".join(kinds))
   c.int_at_least("sweep.seeds", 1)
   c.int_at_least("sweep.kwon_tune_samples", 1)
   c.boolean("sweep.strict_budget")

@@ -68,7 +68,7 @@ from lfpr_jax.training import loop
 # The grid's coordinates: a cell's name carries its own, so growing or shrinking the
 # grid (another constraint, restoration, cost or criterion) reuses every computed cell.
 GRID_KEYS = ("sweep.criteria", "sweep.restorations", "sweep.constraints", "sweep.costs",
-             "sweep.seeds")
+             "sweep.finetune_costs", "sweep.seeds")
 MUTABLE_KEYS = ("prune.constraints", "prune.percentiles", "progress") + GRID_KEYS
 # Keys a cell reads only through its restoration: each cell records those of its own
 # (`cell_depends_on`), so retuning ReSt's schedule at one constraint recomputes the
@@ -117,12 +117,15 @@ class Cell:
 def cells_of(config: ml_collections.ConfigDict) -> list[Cell]:
   """The grid (the config is validated by `config_checks.validate` first).
 
-  `kwon_lf` is paired only with label-free criteria (see the module docstring).
+  `kwon_lf` is paired only with label-free criteria (see the module docstring), and
+  full fine-tuning (an epoch over all the data per cell, the costliest baseline) runs
+  only under the budgets `sweep.finetune_costs`.
   """
   sw = config.sweep
   return [Cell(c, r, float(k), cost) for cost in sw.costs for c in sw.criteria
           for r in sw.restorations for k in sw.constraints
-          if not (r == "kwon_lf" and is_labelled(c))]
+          if not (r == "kwon_lf" and is_labelled(c))
+          and not (r == "finetune" and cost not in sw.finetune_costs)]
 
 
 def label_batches(s: common.Setup, indices: np.ndarray, *, trim: bool = False

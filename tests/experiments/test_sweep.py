@@ -46,9 +46,14 @@ def test_grid_and_bad_names():
   assert {c.criterion for c in cells} == {"lfpr", "lfpr_ps", "l1", "alg", "fisher"}
   assert {c.cost for c in cells} == {"params"}
   assert get_config().sweep.seeds == 3 and get_config("tiny").sweep.seeds == 1
-  # :full: every restoration and every cost; kwon_lf only with label-free criteria.
+  # :full: every restoration and every cost; kwon_lf only with label-free criteria,
+  # full fine-tuning only under the parameter budget (`sweep.finetune_costs`).
   full = sweep.cells_of(get_config("full"))
-  assert len(full) == 3 * 4 * (5 * 5 - 2)
+  assert len(full) == 3 * 4 * (5 * 4 - 2) + 4 * 5
+  assert {c.cost for c in full if c.restoration == "finetune"} == {"params"}
+  everywhere = get_config("full")
+  everywhere.sweep.finetune_costs = ("params", "flops", "latency")
+  assert len(sweep.cells_of(everywhere)) == 3 * 4 * (5 * 5 - 2)
   lf = {c.criterion for c in full if c.restoration == "kwon_lf"}
   assert lf == {"lfpr", "lfpr_ps", "l1"}
   assert {(c.criterion, c.restoration) for c in full} >= {("lfpr_ps", "finetune"),
@@ -71,6 +76,8 @@ def test_grid_and_bad_names():
       ("costs", ("seconds",), "sweep.costs=\\('seconds',\\): expected a non-empty "
        "list of distinct cost kinds from params, flops, latency"),
       ("costs", (), "sweep.costs=\\(\\)"),
+      ("finetune_costs", ("speed",), "sweep.finetune_costs=\\('speed',\\): expected "
+       "a list of distinct cost kinds"),
       ("seeds", 0, "sweep.seeds=0: expected an integer >= 1"),
       ("constraints", (0.0,), "sweep.constraints=.*\\(0, 1\\]"),
       ("constraints", (0.45,), "rest.schedule: has no .* for sweep.constraints "
