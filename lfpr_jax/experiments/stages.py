@@ -256,12 +256,18 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
   closure = _closure(stages)
   stored: dict[str, Any] = {}
   stored_stages: dict[str, Any] = {}
+  legacy: Optional[dict[str, Any]] = None
   if os.path.exists(path):
     try:
       record = load_json(path)
       stored = _with_added_keys(record.get("config", {}), current)
       stored_stages = {name: _with_added_keys(values, current)
                        for name, values in record.get("stages", {}).items()}
+      # A record from before per-stage values: its config is what every stage then
+      # present was made with, and stays so for the stages no run has recorded since.
+      legacy = (stored if "stages" not in record else
+                _with_added_keys(record["legacy_config"], current)
+                if "legacy_config" in record else None)
     except (OSError, ValueError, AttributeError, TypeError) as e:
       raise ValueError(f"{path} (the workdir's run record) cannot be read "
                        f"({type(e).__name__}); remove it to start the record anew "
@@ -273,7 +279,7 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
   hit = []
   for stage in stages:
     outs = existing_outputs(workdir, stage)
-    made_with = stored_stages.get(stage.name, stored)
+    made_with = stored_stages.get(stage.name, stored if legacy is None else legacy)
     differ = [k for k in current
               if under(k, closure[stage.name]) and not under(k, stage.self_checked)
               and not under(k, ignore) and made_with.get(k) != current[k]]
@@ -307,7 +313,8 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
     atomic.write_json(path, {
         "format": RECORD_FORMAT, "config": {**stored, **current},
         "stages": {**stored_stages, **{stage.name: select_keys(current, closure[stage.name])
-                                       for stage in stages}}})
+                                       for stage in stages}},
+        **({} if legacy is None else {"legacy_config": legacy})})
 
 
 # ------------------------------------------------------------------- validation

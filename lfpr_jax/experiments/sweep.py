@@ -186,7 +186,10 @@ def _restore(cell: Cell, s: common.Setup, sel, scores, lfpr_scores, labels,
     sw = config.sweep
     tune_idx = s.samples[:sw.kwon_tune_samples]
     # Same search as the other rows (strict budget: every row meets it).
-    kw = dict(kind=cell.cost, strict_budget=sw.strict_budget, tune=True)
+    kw: dict[str, Any] = dict(kind=cell.cost, strict_budget=sw.strict_budget, tune=True)
+    if cell.cost == "latency":   # Kwon's search over the measured latency table
+      kw = dict(tune=True, select=lambda h, f, c: common.select_budget(
+          s, h, f, c, cost="latency", strict_budget=sw.strict_budget))
     if cell.restoration == "kwon":
       result = kwon.retraining_free(
           s.model, s.base_params, scores, cell.constraint,

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import flax
@@ -73,6 +73,10 @@ def teacher_constraint(constraint: float) -> float:
   return math.sqrt(float(constraint))
 
 
+# (head scores, FFN scores, kept fraction) -> the selection meeting that budget.
+SelectFn = Callable[[np.ndarray, np.ndarray, float], selection.Selection]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SearchResult:
   """Teacher (at √c) and student (at c) selections of one constraint."""
@@ -81,15 +85,18 @@ class SearchResult:
 
 
 def search_masks(head_scores: Any, ffn_scores: Any, constraint: float, *,
-                 config: TapConfig, kind: str = "flops", strict_budget: bool = False
-                 ) -> SearchResult:
-  """The "sum" search at c (student) and √c (teacher) under a FLOPs or params budget."""
-  costs = selection.constraint_costs(config, kind)
-  kw = dict(costs=costs, strict_budget=strict_budget)
+                 config: TapConfig, kind: str = "flops", strict_budget: bool = False,
+                 select: Optional[SelectFn] = None) -> SearchResult:
+  """The "sum" search at c (student) and √c (teacher) under a FLOPs or params budget,
+  or with `select(head_scores, ffn_scores, constraint)` (e.g. a measured latency
+  table's search, `pruning.latency.select_latency`) in place of the `kind` search."""
+  if select is None:
+    kw = dict(costs=selection.constraint_costs(config, kind),
+              strict_budget=strict_budget)
+    select = lambda h, f, c: selection.select_sum(h, f, c, **kw)  # noqa: E731
   return SearchResult(
-      teacher=selection.select_sum(head_scores, ffn_scores,
-                                   teacher_constraint(constraint), **kw),
-      student=selection.select_sum(head_scores, ffn_scores, constraint, **kw))
+      teacher=select(head_scores, ffn_scores, teacher_constraint(constraint)),
+      student=select(head_scores, ffn_scores, constraint))
 
 
 # ---------------------------------------------------------------- rearrangement
@@ -564,6 +571,7 @@ def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, 
                     rearrange: bool = True, tune: bool = True,
                     strict_budget: bool = False, from_mask: bool = False,
                     learnable_masks: bool = False, rearrange_grads: Any = None,
+                    select: Optional[SelectFn] = None,
                     **tune_kwargs: Any) -> KwonResult:
   """Search (c and √c) → rearrangement → mask tuning → folded pruned model.
 
@@ -579,10 +587,12 @@ def retraining_free(model: TAP, params: PyTree, scores: Any, constraint: float, 
     learnable_masks: keep the tuned scales as learnable masks instead of folding.
     rearrange_grads: a `scoring.Scores` whose per-batch gradients drive the
       rearrangement (default: `scores`).
+    select: the search under another budget (`search_masks`), e.g. measured latency;
+      the rearrangement keeps every layer's unit counts, so the budget holds.
     tune_kwargs: further `tune_masks` options (damp, scale_bound, decoder_steps...).
   """
   search = search_masks(scores.head, scores.ffn, constraint, config=model.config,
-                        kind=kind, strict_budget=strict_budget)
+                        kind=kind, strict_budget=strict_budget, select=select)
   head = search.student.head_mask.astype(np.float32)
   ffn = search.student.ffn_mask.astype(np.float32)
   if rearrange:

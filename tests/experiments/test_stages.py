@@ -200,3 +200,20 @@ def test_stale_reason(tmp_path):
       "was produced by a different run (differs in a)")
   (tmp_path / "out.json").write_text('{"v": 2}')
   assert "is corrupt" in stages.stale_reason(path, {"a": 1})
+
+
+def test_a_record_without_stage_values_still_names_what_other_drivers_made(tmp_path):
+  """Targets made at rest.lr 0.1 under a record of the older format (one config); a
+  driver without the targets stage then runs at 0.001: the targets still count as
+  made at 0.1 for the driver that has them."""
+  stage_dir = tmp_path / "lfpr"
+  _populate(tmp_path)
+  old = _config()
+  old.rest.lr = 0.1
+  stage_dir.mkdir(exist_ok=True)
+  (stage_dir / "config.json").write_text(json.dumps(
+      {"format": "lfpr_jax.run/2", "config": stages.flat_config(old)}))
+  stages.check_run_record(_config(), str(tmp_path), str(stage_dir), STAGES[:3])
+  with pytest.raises(ValueError, match=r"rest\.lr \(0\.1 -> 0\.001\)"):
+    stages.check_run_record(_config(), str(tmp_path), str(stage_dir), STAGES)
+  stages.check_run_record(old, str(tmp_path), str(stage_dir), STAGES)   # unchanged

@@ -400,6 +400,18 @@ def test_retraining_free_pipeline(tuning_setup):
                                kind="params")
   assert plain.tuning is None and plain.search.student.cost_unit == "params"
   np.testing.assert_array_equal(plain.head_mask, plain.search.student.head_mask)
+  # Another budget's search (the sweep's measured latency table): asked at c and
+  # sqrt(c); the rearranged masks keep its per-layer counts.
+  asked = []
+
+  def select(h, f, c):
+    asked.append(c)
+    return selection.select_sum(h, f, c, config=model.config)
+  other = kwon.retraining_free(model, params, scores, 0.5, select=select, tune=False)
+  assert sorted(asked) == pytest.approx([0.5, math.sqrt(0.5)])
+  assert other.search.student.cost_unit == "params"
+  assert other.config.mmt_heads == other.search.student.cfg_head
+  assert other.config.mmt_ffn == other.search.student.cfg_ffn
 
 
 # ------------------------------------------------------------ label-free variant
