@@ -570,6 +570,11 @@ def plot(rows: Sequence[Mapping[str, Any]], unpruned: float, path: str) -> None:
   for i, cost in enumerate(costs):
     for j, restoration in enumerate(restorations):
       ax = axes[i][j]
+      if not any(r["cost"] == cost and r["restoration"] == restoration for r in rows):
+        ax.axis("off")   # e.g. full fine-tuning outside `sweep.finetune_costs`
+        ax.text(0.5, 0.5, f"+ {restoration} ({cost}): not run", ha="center",
+                va="center", fontsize=9, color="0.4", transform=ax.transAxes)
+        continue
       for criterion in criteria_names:
         pts = sorted((r["mmt_params_mean"] / 1e6 if cost == "params"
                       else 100 * r["mmt_macs_fraction_mean"],
