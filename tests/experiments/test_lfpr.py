@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from configs import common as schedules
 from configs.synthetic import get_config
 from lfpr_jax import atomic
 from lfpr_jax.experiments import common, lfpr, stages
@@ -13,7 +14,9 @@ from lfpr_jax.models.config import TapConfig
 
 def test_targets_from_the_schedule():
   config = get_config()
-  assert lfpr.targets_of(config) == [lfpr.Target("sum", 0.4, 73.0, 2)]
+  # The synthetic config retrains on all the data at 0.4; upstream's schedule: 73%.
+  assert lfpr.targets_of(config) == [lfpr.Target("sum", 0.4, 100.0, 2)]
+  assert (0.4, 73, 2) in schedules.SUM[("tap", "textvqa")]
   config.prune.update(heuristic="thre", percentiles=(50, 90))
   assert [(t.name, t.percent, t.layers) for t in lfpr.targets_of(config)] == [
       ("thre_50", 60.0, 1), ("thre_90", 100.0, 3)]
