@@ -129,9 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              for b in loader)
     kw = dict(local_batch=local_batch, num_batches=t.num_steps - start, mesh=mesh,
               fields=STEP_FIELDS, progress=False)
-    if trim:
-      return parallel.trimmed_global_batches(local, trim=parallel.Trim(c), **kw)
-    return parallel.global_batches(local, **kw)
+    return parallel.input_batches(local, trim_config=c if trim else None, **kw)
 
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, f"{out_name}_metrics.jsonl")

@@ -230,10 +230,8 @@ def batches(s: Setup, *, indices: Optional[np.ndarray], local_batch: int,
   kw = dict(local_batch=local_batch, num_batches=parallel.num_global_batches(
       n, local_batch), mesh=s.mesh, fields=tuple(fields), desc=desc,
       progress=s.progress if progress is None else progress)
-  if trim:
-    return parallel.trimmed_global_batches(loader, trim=parallel.Trim(s.base_config),
-                                           **kw)
-  return parallel.global_batches(loader, **kw)
+  return parallel.input_batches(loader, trim_config=s.base_config if trim else None,
+                                **kw)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,

@@ -128,8 +128,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           common.batches(s, indices=s.samples, local_batch=s.score_local,
                          desc="importance", trim=config.trim),
           mesh=s.mesh, group_size=p.group_size, seed=config.seed,
-          keep_batch_grads=False, trimmed=config.trim, t_star=t_star, bos_index=s.data.vocab.bos_idx,
-          dropout=p.dropout),
+          keep_batch_grads=False, trimmed=config.trim, t_star=t_star,
+          bos_index=s.data.vocab.bos_idx, dropout=p.dropout),
       depends_on=s.depends_on("importance"),
       save=lambda path, v: v.save(path), load=scoring.Scores.load)
   head_imp, ffn_imp = imp.scores(per_sample=p.per_sample)

@@ -265,9 +265,10 @@ def check_run_record(config: ml_collections.ConfigDict, workdir: str, stage_dir:
                        for name, values in record.get("stages", {}).items()}
       # A record from before per-stage values: its config is what every stage then
       # present was made with, and stays so for the stages no run has recorded since.
-      legacy = (stored if "stages" not in record else
-                _with_added_keys(record["legacy_config"], current)
-                if "legacy_config" in record else None)
+      if "stages" not in record:
+        legacy = stored
+      elif "legacy_config" in record:
+        legacy = _with_added_keys(record["legacy_config"], current)
     except (OSError, ValueError, AttributeError, TypeError) as e:
       raise ValueError(f"{path} (the workdir's run record) cannot be read "
                        f"({type(e).__name__}); remove it to start the record anew "

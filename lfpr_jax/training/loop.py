@@ -286,10 +286,8 @@ def train_subset(*, model_config: TapConfig, params: PyTree,
     kw = dict(local_batch=local_batch, num_batches=num_steps - start, mesh=mesh,
               fields=STEP_FIELDS, progress=False,
               fill=lambda: next(local_loader(local_indices[:local_batch])))
-    if trim:
-      return parallel.trimmed_global_batches(loader, trim=parallel.Trim(model_config),
-                                             **kw)
-    return parallel.global_batches(loader, **kw)
+    return parallel.input_batches(loader, trim_config=model_config if trim else None,
+                                  **kw)
 
   make_step = make_trimmed_train_step if trim else make_train_step
   step_fn = make_step(TAP(model_config), tx, mesh, loss_shards=settings.loss_shards,

@@ -252,6 +252,17 @@ def trimmed_global_batches(loader: Iterator[Mapping[str, Any]], *, trim: Trim,
     yield global_batch(cut, mesh), tc, info
 
 
+def input_batches(loader: Iterator[Mapping[str, Any]], *,
+                  trim_config: Optional[TapConfig] = None, **kwargs: Any
+                  ) -> Iterator[Any]:
+  """`global_batches(loader, **kwargs)`, or with `trim_config` (the full-size model
+  config) `trimmed_global_batches` and its `(batch, trimmed config, TrimInfo)` triples
+  (`trim_config=None`: padded)."""
+  if trim_config is None:
+    return global_batches(loader, **kwargs)
+  return trimmed_global_batches(loader, trim=Trim(trim_config), **kwargs)
+
+
 def shard_lengths(source: Any, split: str, config: TapConfig, *,
                   indices: Optional[Sequence[int]] = None, batch_size: int = 256
                   ) -> np.ndarray:
