@@ -86,7 +86,7 @@ class TapConfig:
     compute_dtype: "float32" (default, the upstream numerics) or "bfloat16": every
       matmul of the model takes bfloat16 inputs and accumulates/returns float32;
       parameters, the residual stream, softmax, LayerNorm statistics and losses stay
-      float32 (`lfpr_jax.models.tap.matmul`). A run-time choice, not part of the
+      float32 (`lfpr_jax.models.tap.einsum`). A run-time choice, not part of the
       architecture: a config of either value describes the same parameters.
     remat: rematerialise every text-BERT and MMT layer (`flax.linen.remat`, policy
       `tap.REMAT_POLICY`): the backward pass may keep only each layer's inputs and

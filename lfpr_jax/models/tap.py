@@ -19,7 +19,7 @@ so that `jax.grad` with respect to them gives LFPR's importance gradients. With
 
 `config.compute_dtype = "bfloat16"` runs every matmul (dense layers, Q/K/V and output
 projections, the QK^T and PV products, pointer net, classifier) on bfloat16 inputs with
-float32 accumulation and output, all through `matmul`; everything else (parameters,
+float32 accumulation and output, all through `einsum`; everything else (parameters,
 residual stream, softmax and its -10000 mask, LayerNorm, losses) stays float32.
 """
 
@@ -112,67 +112,121 @@ def layer_fn(fn: Any, remat: bool) -> Any:
   return nn.remat(fn, prevent_cse=True, policy=REMAT_POLICY) if remat else fn
 
 
-def matmul(compute_dtype: str, op: Callable[..., Array], a: Array, b: Array,
-           *args: Any, **kwargs: Any) -> Array:
-  """`op(a, b, *args, **kwargs)` for a product op, in the precision `compute_dtype`.
+def einsum_transposes(subscripts: str) -> tuple[str, str]:
+  """The einsums of the two cotangents of `einsum(subscripts, a, b)`.
+
+  For "ab,bc->ac" these are ("ac,bc->ab", "ab,ac->bc"): da = einsum(out, b -> a)
+  and db = einsum(a, out -> b). Valid for two operands with no letter repeated within
+  one term and every letter in at least two of the three terms (no axis summed inside a
+  single operand), which every product of the model satisfies; anything else raises.
+  """
+  ins, sep, out = subscripts.replace(" ", "").partition("->")
+  a, comma, b = ins.partition(",")
+  terms = (a, b, out)
+  if (not sep or not comma or "," in b or "." in subscripts
+      or any(len(set(t)) != len(t) for t in terms)
+      or any(sum(ch in t for t in terms) < 2 for ch in set(a + b + out))):
+    raise ValueError(
+        f"einsum_transposes expects 'ab,bc->ac'-style subscripts for two operands, "
+        f"each letter in at least two terms and none repeated within one; got "
+        f"{subscripts!r}.")
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+def dot_general_subscripts(lhs_ndim: int, rhs_ndim: int,
+                           dimension_numbers: Any) -> str:
+  """The einsum subscripts of `lax.dot_general` with these dimension numbers.
+
+  dot_general's output axes are the batch axes, then lhs's free axes, then rhs's.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  lhs, rhs = [""] * lhs_ndim, [""] * rhs_ndim
+  for i, j in list(zip(lb, rb)) + list(zip(lc, rc)):
+    lhs[i] = rhs[j] = next(letters)
+  lhs = [ch or next(letters) for ch in lhs]
+  rhs = [ch or next(letters) for ch in rhs]
+  out = ([lhs[i] for i in lb]
+         + [ch for i, ch in enumerate(lhs) if i not in lb and i not in lc]
+         + [ch for j, ch in enumerate(rhs) if j not in rb and j not in rc])
+  return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bfloat16_einsum(subscripts: str, a: Array, b: Array) -> Array:
+  """`einsum(subscripts, a, b)` on bfloat16 operands, accumulated and returned in float32.
+
+  Mixed precision as in torch's autocast: only the operands lose precision (8-bit
+  mantissa); the products of two bfloat16 values are exact in float32 and are summed
+  in float32. The backward pass (a custom VJP) casts the incoming float32 cotangent to
+  bfloat16 and runs both transposed products the same way (bfloat16 x bfloat16 ->
+  float32, `einsum_transposes`), so the backward is a bfloat16 computation too: a
+  float32 x bfloat16 product, which plain autodiff would give, or a product with a
+  bfloat16 result, runs as a float32 product on XLA:CPU. Gradients are float32.
+  """
+  return _bfloat16_einsum_fwd(subscripts, a, b)[0]
+
+
+def _bfloat16_einsum_fwd(subscripts: str, a: Array, b: Array):
+  for x in (a, b):
+    if x.dtype != jnp.float32:
+      raise ValueError(f"bfloat16_einsum expects float32 operands, got {x.dtype}.")
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  out = jnp.einsum(subscripts, a16, b16, preferred_element_type=jnp.float32)
+  return out, (a16, b16)
+
+
+def _bfloat16_einsum_bwd(subscripts: str, saved: tuple[Array, Array], g: Array):
+  a16, b16 = saved
+  da, db = einsum_transposes(subscripts)
+  g16 = g.astype(jnp.bfloat16)
+  return (jnp.einsum(da, g16, b16, preferred_element_type=jnp.float32),
+          jnp.einsum(db, a16, g16, preferred_element_type=jnp.float32))
+
+
+bfloat16_einsum.defvjp(_bfloat16_einsum_fwd, _bfloat16_einsum_bwd)
+
+
+def einsum(subscripts: str, a: Array, b: Array, compute_dtype: str,
+           float32_op: Optional[Callable[[Array, Array], Array]] = None) -> Array:
+  """The product `jnp.einsum(subscripts, a, b)` in the precision `compute_dtype`.
 
   The one place where the model's matmul precision is decided (`TapConfig.compute_dtype`).
 
   Args:
-    compute_dtype: "float32": `op` runs untouched (the upstream numerics, bit for bit).
-      "bfloat16": mixed precision as in torch's autocast. Forward: both operands are
-      cast to bfloat16 and `op` accumulates and returns float32
-      (`preferred_element_type`), so only the inputs lose precision (8-bit mantissa)
-      and everything downstream stays float32. Backward (a custom VJP): the incoming
-      float32 cotangent is cast to bfloat16 too, so the two transposed products also
-      run on bfloat16 operands (a float32 x bfloat16 product would run at float32
-      speed); their results are returned as float32, so gradients are summed and
-      applied in float32.
-    op: `jnp.einsum` with its subscripts bound, `jnp.matmul` or `jax.lax.dot_general`
-      (anything taking `preferred_element_type`).
-    a, b: the two operands (float32).
-    *args, **kwargs: passed on to `op` (e.g. dot_general's dimension numbers).
+    subscripts: two-operand einsum subscripts (see `einsum_transposes`).
+    a, b: the float32 operands.
+    compute_dtype: "float32": the product runs untouched in float32 (the upstream
+      numerics; `float32_op(a, b)` where given, to keep a module's historical op bit for
+      bit). "bfloat16": `bfloat16_einsum`.
+    float32_op: optional equivalent op for float32.
 
   Returns:
-    `op`'s float32 result.
+    The float32 product.
   """
   if compute_dtype == "float32":
-    return op(a, b, *args, **kwargs)
+    return jnp.einsum(subscripts, a, b) if float32_op is None else float32_op(a, b)
   if compute_dtype != "bfloat16":
     raise ValueError(
         f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
-  bf16 = jnp.bfloat16
-  product = lambda x, y, **kw: op(x, y, *args, **kwargs, **kw)
-  dtypes = a.dtype, b.dtype
-
-  def forward(x, y):
-    x16, y16 = x.astype(bf16), y.astype(bf16)
-    return product(x16, y16, preferred_element_type=jnp.float32), (x16, y16)
-
-  @jax.custom_vjp
-  def mixed(x, y):
-    return forward(x, y)[0]
-
-  def backward(saved, g):
-    x16, y16 = saved
-    g16 = g.astype(bf16)
-    (dx,) = jax.linear_transpose(lambda x: product(x, y16), x16)(g16)
-    (dy,) = jax.linear_transpose(lambda y: product(x16, y), y16)(g16)
-    return dx.astype(dtypes[0]), dy.astype(dtypes[1])
-
-  mixed.defvjp(forward, backward)
-  return mixed(a, b)
+  return bfloat16_einsum(subscripts, a, b)
 
 
-def einsum(subscripts: str, a: Array, b: Array, compute_dtype: str) -> Array:
-  """`jnp.einsum(subscripts, a, b)` in the precision `compute_dtype` (see `matmul`)."""
-  return matmul(compute_dtype, functools.partial(jnp.einsum, subscripts), a, b)
+def bfloat16_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any,
+                         precision: Any = None, preferred_element_type: Any = None
+                         ) -> Array:
+  """A `lax.dot_general` stand-in (for `nn.Dense`) that runs `bfloat16_einsum`."""
+  del precision, preferred_element_type  # always bfloat16 in, float32 out
+  return bfloat16_einsum(
+      dot_general_subscripts(lhs.ndim, rhs.ndim, dimension_numbers), lhs, rhs)
 
 
 def dense(features: int, name: str, compute_dtype: str = "float32") -> nn.Dense:
   # float32 keeps flax's own lax.dot_general (dot_general=None): the exact old module.
-  dot_general = (None if compute_dtype == "float32" else
-                 functools.partial(matmul, compute_dtype, jax.lax.dot_general))
+  if compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(
+        f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
+  dot_general = None if compute_dtype == "float32" else bfloat16_dot_general
   return nn.Dense(features, kernel_init=nn.initializers.normal(0.02),
                   dot_general=dot_general, name=name)
 
@@ -575,8 +629,9 @@ class TAP(nn.Module):
 
   def _scores(self, dec_out: Array, ocr_keys: Array, ocr_valid: Array) -> Array:
     """Fixed-vocabulary logits ⧺ OCR copy scores `[B, T, V_a + N_c]`."""
-    fixed = (matmul(self.config.compute_dtype, jnp.matmul, dec_out,
-                    self.classifier_embedding.T) + self.classifier_bias)
+    fixed = (einsum("btd,vd->btv", dec_out, self.classifier_embedding,
+                    self.config.compute_dtype, float32_op=lambda x, w: x @ w.T)
+             + self.classifier_bias)
     ocr = self.ocr_ptr_net(dec_out, ocr_keys, ocr_valid)
     self.sow("intermediates", "fixed_scores", fixed)
     self.sow("intermediates", "ocr_scores", ocr)

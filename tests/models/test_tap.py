@@ -12,6 +12,7 @@ from lfpr_jax.models.batch import DECODER_INPUTS, MODEL_INPUTS, model_inputs
 from lfpr_jax.models.decoding import greedy_decode, greedy_decode_reference
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.losses import m4c_decoding_bce
+from lfpr_jax.models import tap
 from lfpr_jax.models.params import abstract_params, init_params
 from lfpr_jax.models.tap import TAP
 from tests.helpers import BASE, SMALL, random_batch, random_params
@@ -221,12 +222,12 @@ def test_bfloat16_runs_every_matmul_on_bfloat16_inputs():
   # BERT layer Q, K, V, QK^T, PV, out and 2 FFN (3 layers), the classifier and the
   # pointer scores: 8 + 3 * 8 + 2 = 34 products, all bf16 x bf16 -> f32.
   assert dots(SMALL_BF16, grad=False) == [[bf16, bf16, f32]] * 34
-  # Backward (tap.matmul's custom VJP): the cotangent is cast to bfloat16, so both
-  # transposed products of every forward product run on bfloat16 operands (a float32
-  # x bfloat16 product would run at float32 speed); results are cast back to float32.
+  # Backward (tap.bfloat16_einsum's custom VJP): the cotangent is cast to bfloat16 and
+  # both transposed products of every forward product run bfloat16 x bfloat16 ->
+  # float32 (XLA:CPU runs a float32 x bfloat16 product, or one with a bfloat16 result,
+  # as a float32 product).
   backward = dots(SMALL_BF16, grad=True)
-  assert backward[:34] == [[bf16, bf16, f32]] * 34
-  assert backward[34:] == [[bf16, bf16, bf16]] * (2 * 34)
+  assert backward == [[bf16, bf16, f32]] * (3 * 34)
   # float32 (the default) has no bfloat16 anywhere, forward or backward.
   assert {tuple(d) for d in dots(SMALL, grad=True)} == {(f32, f32, f32)}
 
@@ -272,3 +273,42 @@ def test_remat_keeps_param_names_outputs_and_gradients():
   # The text-BERT and every MMT layer receive gradients (the comparison is not vacuous).
   assert float(np.abs(grads["text_bert"]["layer_0"]["ffn"]["wi"]["kernel"]).max()) > 0
   assert float(np.abs(grads["mmt_layer_0"]["attention"]["head_mask"]).max()) > 0
+
+
+@pytest.mark.parametrize("subscripts", ["ab,bc->ac", "bsd,dhk->bhsk", "bhqk,hkd->bqd",
+                                        "bhqd,bhkd->bhqk", "btd,vd->btv"])
+def test_bfloat16_einsum_gradients_are_the_transposed_products(subscripts):
+  """The custom VJP equals autodiff of the same product on bfloat16-rounded operands
+  and cotangent (both exact in float32), and every letter arrangement is handled."""
+  ins, out = subscripts.split("->")
+  sa, sb = ins.split(",")
+  sizes = dict(zip("abcdefghijklmnopqrstuvwxyz", (3, 4, 5, 2, 6, 3, 4, 5, 2, 3) * 3))
+  rng = np.random.default_rng(0)
+  a, b, g = (jnp.asarray(rng.normal(size=[sizes[ch] for ch in t]), jnp.float32)
+             for t in (sa, sb, out))
+  r = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  y, vjp = jax.vjp(lambda a, b: tap.bfloat16_einsum(subscripts, a, b), a, b)
+  y_ref, vjp_ref = jax.vjp(
+      lambda a, b: jnp.einsum(subscripts, a, b, precision="highest"), r(a), r(b))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for got, ref in zip(vjp(g), vjp_ref(r(g))):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_transposes_and_dot_general_subscripts():
+  assert tap.einsum_transposes("bsd,dhk->bhsk") == ("bhsk,dhk->bsd", "bsd,bhsk->dhk")
+  for bad in ("ab,bc", "ab->b", "aab,bc->ac", "abz,bc->ac", "ab,bc,cd->ad", "...a,ab->b"):
+    with pytest.raises(ValueError, match="two operands"):
+      tap.einsum_transposes(bad)
+  # nn.Dense's call and a batched one: equal to lax.dot_general itself.
+  rng = np.random.default_rng(1)
+  for (ls, rs, dims) in [((2, 3, 4), (4, 5), (((2,), (0,)), ((), ()))),
+                         ((2, 3, 4), (2, 4, 6), (((2,), (1,)), ((0,), (0,)))),
+                         ((4, 3), (5, 4), (((0,), (1,)), ((), ())))]:
+    x, w = rng.normal(size=ls), rng.normal(size=rs)
+    sub = tap.dot_general_subscripts(len(ls), len(rs), dims)
+    np.testing.assert_allclose(np.einsum(sub, x, w), jax.lax.dot_general(
+        jnp.asarray(x), jnp.asarray(w), dims, precision="highest"), rtol=1e-5)
+  with pytest.raises(ValueError, match="float32 operands"):
+    tap.bfloat16_einsum("ab,bc->ac", jnp.ones((2, 2), jnp.bfloat16), jnp.ones((2, 2)))
