@@ -310,6 +310,33 @@ def restore_scores(scores: Array, config: TapConfig, info: TrimInfo | TapConfig
   return xp.pad(scores, pad, constant_values=MASK_VALUE)
 
 
+class PerShape:
+  """One function per trimmed config, built on first use: `PerShape(build)(config)`.
+
+  The one cache of shape-specialised functions (a compiled program per trimmed shape):
+  `TrimmedFn`, the trimmed training step and trimmed importance scoring all keep theirs
+  here, in the object that owns it, never at module level. At most
+  `num_shapes(config, buckets)` entries.
+
+  Example:
+    steps = PerShape(lambda c: make_train_step(model.clone(config=c), tx, mesh))
+    state, metrics = steps(trimmed_config)(state, frozen, batch, rng)
+  """
+
+  def __init__(self, build: Callable[[TapConfig], Callable[..., Any]]):
+    self._build = build
+    self._fns: dict[Hashable, Callable[..., Any]] = {}
+
+  def __call__(self, config: TapConfig) -> Callable[..., Any]:
+    f = self._fns.get(config)
+    if f is None:
+      f = self._fns[config] = self._build(config)
+    return f
+
+  def __len__(self) -> int:
+    return len(self._fns)
+
+
 class TrimmedFn:
   """Runs `fn` on trimmed batches, with one jitted function per trimmed shape.
 
@@ -336,19 +363,18 @@ class TrimmedFn:
     self.global_lengths = global_lengths
     self._jit = jit
     self._jit_kwargs = jit_kwargs
-    self._compiled: dict[Hashable, Callable[..., Any]] = {}
+    self._compiled = PerShape(self._build)
+
+  def _build(self, trimmed: TapConfig) -> Callable[..., Any]:
+    fn = self.fn
+
+    def call(inputs, *args, **kwargs):
+      return fn(trimmed, inputs, *args, **kwargs)
+    return jax.jit(call, **self._jit_kwargs) if self._jit else call
 
   def specialised(self, trimmed: TapConfig) -> Callable[..., Any]:
     """The (cached) function for one trimmed config: `(inputs, *args) -> out`."""
-    f = self._compiled.get(trimmed)
-    if f is None:
-      fn = self.fn
-
-      def call(inputs, *args, **kwargs):
-        return fn(trimmed, inputs, *args, **kwargs)
-      f = jax.jit(call, **self._jit_kwargs) if self._jit else call
-      self._compiled[trimmed] = f
-    return f
+    return self._compiled(trimmed)
 
   @property
   def num_specialisations(self) -> int:

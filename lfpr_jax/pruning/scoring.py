@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lfpr_jax import atomic
+from lfpr_jax.models import trim
 from lfpr_jax.models.batch import select
 from lfpr_jax.pruning import criteria
 from lfpr_jax.pruning.selection import check_importances
@@ -314,13 +315,8 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
   if batches is None:
     raise ValueError(f"criterion {crit.name!r} scores from data: pass batches.")
   # One jitted gradient function per (trimmed) config.
-  grads_fns: dict[Any, Any] = {}
-
-  def grads_for(config):
-    if config not in grads_fns:
-      grads_fns[config] = make_grads_fn(crit, model.clone(config=config), mesh,
-                                        group_size=group_size)
-    return grads_fns[config]
+  grads_for = trim.PerShape(lambda config: make_grads_fn(
+      crit, model.clone(config=config), mesh, group_size=group_size))
   grads_for(model.config)   # the criterion's own checks, before any batch is read
   # Weights, ids and answer flags to the host (all processes see the global rows).
   host_fields = ("weight", "question_id") + (("has_answers",) if crit.needs_labels

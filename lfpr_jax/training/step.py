@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from lfpr_jax.models import trim
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.losses import m4c_bce_per_sample, m4c_decoding_bce
 from lfpr_jax.models.tap import TAP
@@ -223,13 +224,12 @@ def make_trimmed_train_step(model: TAP, tx: optax.GradientTransformation, mesh: 
   for other shapes (the same distribution, other masks). `kwargs`: as
   `make_train_step`. `step.num_specialisations()` counts the compiled shapes.
   """
-  steps: dict[Any, Callable[..., tuple[TrainState, dict]]] = {}
+  steps = trim.PerShape(
+      lambda config: make_train_step(model.clone(config=config), tx, mesh, **kwargs))
 
   def step(state, frozen, item, rng):
     batch, config, _ = item
-    if config not in steps:
-      steps[config] = make_train_step(model.clone(config=config), tx, mesh, **kwargs)
-    return steps[config](state, frozen, batch, rng)
+    return steps(config)(state, frozen, batch, rng)
   step.num_specialisations = lambda: len(steps)
   return step
 

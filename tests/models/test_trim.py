@@ -249,6 +249,20 @@ def test_trimmed_fn_compiles_once_per_shape():
   assert len(calls) == 3  # a, c, and a retrace of a's shape for b's batch size
 
 
+def test_per_shape_builds_once_per_config():
+  built = []
+
+  def build(config):
+    built.append(config)
+    return lambda x: (config.mmt_len, x)
+  fns = trim.PerShape(build)
+  short = trim.trimmed_config(BASE, (2, 2, 2, 1, 1))
+  assert fns(BASE)(1) == (BASE.mmt_len, 1)
+  assert fns(short)(2) == (short.mmt_len, 2)
+  assert fns(BASE) is fns(BASE)
+  assert built == [BASE, short] and len(fns) == 2
+
+
 def test_sort_by_length_round_trip():
   lengths = np.array([[5, 1], [2, 9], [5, 0], [2, 9], [1, 3]])
   indices = np.array([10, 11, 12, 13, 14])
