@@ -226,31 +226,44 @@ def random_batch(rng: np.random.Generator, config: TapConfig, batch_size: int
 
 # Analytic FLOPs (2 per multiply-add; matmuls and attention only) --------------------
 
-def _bert_layer_flops(c: TapConfig, rows: int, keys: int, heads: int, ffn: int
-                      ) -> float:
-  """One post-LN BERT layer: `rows` query rows attending over `keys` keys."""
+def _bert_layer_flops(c: TapConfig, rows: int, keys: int, heads: int, ffn: int,
+                      packed: Optional[float] = None) -> float:
+  """One post-LN BERT layer: `rows` query rows attending over `keys` keys; with
+  `packed`, the row-wise work (projections, FFN) runs on that many rows instead."""
   d, inner = c.hidden_size, heads * c.head_dim
-  return (2 * rows * d * inner * 3      # Q, K, V (keys: only for rows computed here)
-          + 2 * rows * inner * d        # attention output dense
+  p = rows if packed is None else packed
+  return (2 * p * d * inner * 3       # Q, K, V (keys: only for rows computed here)
+          + 2 * p * inner * d         # attention output dense
           + 2 * 2 * rows * keys * inner  # Q K^T and P V
-          + 2 * 2 * rows * d * ffn)     # FFN in and out
+          + 2 * 2 * p * d * ffn)      # FFN in and out
 
 
-def forward_flops(c: TapConfig) -> dict[str, float]:
+def forward_flops(c: TapConfig, batch_size: Optional[int] = None) -> dict[str, float]:
   """Per-sample FLOPs of one teacher-forced forward pass, by component.
+
+  A config with `pack_rows` (packed execution, counts for a whole batch) needs
+  `batch_size`: its text-BERT and MMT row-wise work is counted on the packed rows.
 
   Returns:
     `{'text_bert', 'obj_ocr_encoders', 'mmt', 'heads', 'total'}` in FLOPs; the full
     TAP gives about 33.7e9 (MMT 23.4, text-BERT 7.5, encoders 2.5, heads 0.2).
   """
   d, n_o, n_c, t = c.hidden_size, c.obj_max, c.ocr_max, c.decode_steps
+  packed_text = packed_mmt = None
+  if any(c.pack_rows):
+    if not batch_size:
+      raise ValueError("a config with pack_rows needs batch_size (its counts are "
+                       "for the whole batch).")
+    packed_text = c.pack_rows[0] / batch_size if c.pack_rows[0] else None
+    packed_mmt = c.pack_rows[1] / batch_size + t if c.pack_rows[1] else None
   text = c.text_bert_layers * _bert_layer_flops(c, c.text_len, c.text_len,
-                                                c.text_heads, c.text_ffn)
+                                                c.text_heads, c.text_ffn, packed_text)
   enc = (2 * n_o * c.obj_feat_dim * c.fc7_dim + 2 * n_o * c.fc7_dim * d + 2 * n_o * 4 * d
          + 2 * n_c * c.ocr_feat_dim * c.fc7_dim + 2 * n_c * c.ocr_in_dim * d
          + 2 * n_c * 4 * d)
   s = c.mmt_len
-  mmt = sum(_bert_layer_flops(c, s, s, h, f) for h, f in zip(c.mmt_heads, c.mmt_ffn))
+  mmt = sum(_bert_layer_flops(c, s, s, h, f, packed_mmt)
+            for h, f in zip(c.mmt_heads, c.mmt_ffn))
   heads = _heads_flops(c, t)
   parts = {"text_bert": text, "obj_ocr_encoders": enc, "mmt": mmt, "heads": heads}
   parts["total"] = sum(parts.values())

@@ -125,24 +125,51 @@ def make_batch(rng: np.random.Generator, config: TapConfig, lengths: np.ndarray
   return {k: np.asarray(v) for k, v in model_inputs(b, c, with_targets=True).items()}
 
 
-def flop_fraction(config: TapConfig, trimmed: TapConfig) -> dict[str, float]:
+def flop_fraction(config: TapConfig, trimmed: TapConfig, batch_size: int = 1
+                  ) -> dict[str, float]:
   """Trimmed / padded FLOPs per stage (the gradient stages: the forward's fraction,
-  backward FLOPs being proportional to the forward's)."""
-  forward = common.forward_flops(trimmed)["total"] / common.forward_flops(config)["total"]
+  backward FLOPs being proportional to the forward's). Packed row-wise work
+  (`pack_rows`) is counted on the packed rows (`common.forward_flops`)."""
+  forward = (common.forward_flops(trimmed, batch_size)["total"]
+             / common.forward_flops(config)["total"])
   return {"forward": forward, "train_grad": forward, "mask_grad": forward,
-          "greedy": _greedy_fraction(config, trimmed)}
+          "greedy": _greedy_fraction(config, trimmed, batch_size)}
 
 
-def _greedy_fraction(config: TapConfig, trimmed: TapConfig) -> float:
-  return common.greedy_cached_flops(trimmed) / common.greedy_cached_flops(config)
+def _greedy_fraction(config: TapConfig, trimmed: TapConfig, batch_size: int = 1
+                     ) -> float:
+  """Cached greedy decoding: the encoder part packed as in `forward_flops`, the
+  single-row steps unchanged."""
+  unpacked = dataclasses.replace(trimmed, pack_rows=(0, 0))
+  fwd, fwd_unpacked = (common.forward_flops(c, batch_size)
+                       for c in (trimmed, unpacked))
+  saved = ((fwd_unpacked["text_bert"] - fwd["text_bert"])
+           + (fwd_unpacked["mmt"] - fwd["mmt"])
+           * trimmed.encoder_len / max(trimmed.mmt_len, 1))
+  return ((common.greedy_cached_flops(unpacked) - saved)
+          / common.greedy_cached_flops(config))
 
 
 def simulate(config: TapConfig, batch_size: int, n: int, seed: int) -> dict[str, Any]:
   """Mean FLOP fraction and distinct shapes over n random batches, per bucket set."""
   rng = np.random.default_rng(seed)
-  maxima = [textvqa_like_lengths(rng, config, batch_size).max(0) for _ in range(n)]
+  batches = [textvqa_like_lengths(rng, config, batch_size) for _ in range(n)]
+  maxima = [b.max(0) for b in batches]
   full = trim.segment_sizes(config)
   out = {}
+  packed = []
+  for lengths, mx in zip(batches, maxima):
+    tc = trim.trimmed_config(config, [trim.bucket_size(int(m), f) for m, f in
+                                      zip(mx, full)])
+    text = int(lengths[:, :3].sum())
+    enc = text + int(lengths[:, 3:].sum())
+    tc = dataclasses.replace(tc, pack_rows=(
+        trim.pack_bucket(text, batch_size * tc.text_len),
+        trim.pack_bucket(enc, batch_size * tc.encoder_len)))
+    packed.append(flop_fraction(config, tc, batch_size))
+  out["pow2 + packed rows (trim_batch(pack=True), data order)"] = {
+      "forward_flop_fraction": statistics.mean(f["forward"] for f in packed),
+      "greedy_flop_fraction": statistics.mean(f["greedy"] for f in packed)}
   for name, buckets in BUCKET_SETS.items():
     sizes = [tuple(trim.bucket_size(int(m), f, buckets) for m, f in zip(mx, full))
              for mx in maxima]
@@ -174,8 +201,8 @@ def simulate(config: TapConfig, batch_size: int, n: int, seed: int) -> dict[str,
 
 
 def eval_stage(config: TapConfig, params: Any, rng: np.random.Generator, *,
-               batch: int, pool: int, repeats: int, buckets: Sequence[int]
-               ) -> dict[str, Any]:
+               batch: int, pool: int, repeats: int, buckets: Sequence[int],
+               pack: bool = True) -> dict[str, Any]:
   """Greedy evaluation of `pool * batch` examples, padded vs sorted + trimmed."""
   lengths = np.concatenate([textvqa_like_lengths(rng, config, batch)
                             for _ in range(pool)])
@@ -196,12 +223,12 @@ def eval_stage(config: TapConfig, params: Any, rng: np.random.Generator, *,
   def run_trimmed(fn):
     out, sizes = [], []
     for b in sorted_batches:  # host trim is part of the timed pass, as in evaluate
-      cut, tc, info = trim.trim_batch(b, config, buckets=buckets)
+      cut, tc, info = trim.trim_batch(b, config, buckets=buckets, pack=pack)
       cut["text_position_ids"] = np.broadcast_to(cut["text_position_ids"][None],
                                                  (len(b["cmb_text"]),
                                                   len(info.text_columns))).copy()
       out.append(np.asarray(fn.specialised(tc)(jax.device_put(cut), params)))
-      sizes.append(info.sizes)
+      sizes.append((info.sizes, tc))
     return out, sizes
 
   trimmed_fn = evaluation.greedy_predictor(config, mesh, 1, trim=True, buckets=buckets)
@@ -236,12 +263,13 @@ def eval_stage(config: TapConfig, params: Any, rng: np.random.Generator, *,
   load["after"] = loadavg()
   return {"examples": n, "batches": len(chunks), "argmax_equal": equal, "loadavg": load,
           "compiles": {"padded": 1, "trimmed": trimmed_fn.num_specialisations},
-          "shapes_unsorted": len(unsorted_sizes), "sizes": sizes,
+          "shapes_unsorted": len(unsorted_sizes), "sizes": [z for z, _ in sizes],
+          "pack_rows": [tc.pack_rows for _, tc in sizes],
           "first_pass_s": first, "first_pass_ratio": first["padded"] / first["trimmed"],
           "steady_s": steady, "padded_s": pad, "trimmed_s": cut,
           "speedup": pad / cut, "time_fraction": cut / pad,
-          "flop_fraction": statistics.mean(flop_fraction(
-              config, trim.trimmed_config(config, z))["greedy"] for z in sizes)}
+          "flop_fraction": statistics.mean(flop_fraction(config, tc, batch)["greedy"]
+                                           for _, tc in sizes)}
 
 
 def loadavg() -> Optional[str]:
@@ -270,6 +298,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "examples sorted by total length (trim.sort_by_length)")
   p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                  help="matmul precision (TapConfig.compute_dtype)")
+  p.add_argument("--no-pack", action="store_true",
+                 help="trimmed batches without packed rows (trim_batch(pack=False); "
+                      "default: packed, as one device runs them)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="JSON output path")
   args = p.parse_args(argv)
@@ -333,22 +364,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       lengths = textvqa_like_lengths(rng, config, args.batch)
     padded = make_batch(rng, config, lengths)
     t0 = time.perf_counter()
-    trimmed, tc, info = trim.trim_batch(padded, config, buckets=buckets)
+    trimmed, tc, info = trim.trim_batch(padded, config, buckets=buckets,
+                                        pack=not args.no_pack)
     trim_s = time.perf_counter() - t0
     padded = jax.device_put(padded)
     trimmed = jax.device_put({k: v for k, v in trimmed.items()})
     batches.append(dict(padded=padded, trimmed=trimmed, config=tc, info=info,
                         trim_s=trim_s, lengths=info.lengths, sizes=info.sizes,
-                        flop_fraction=flop_fraction(config, tc)))
+                        flop_fraction=flop_fraction(config, tc, args.batch)))
     common.log(f"batch {i}: longest {info.lengths} -> sizes {info.sizes}, MMT rows "
-               f"{tc.mmt_len} of {config.mmt_len}")
+               f"{tc.mmt_len} of {config.mmt_len}, packed rows {tc.pack_rows}")
 
   load_before = loadavg()
   results: dict[str, Any] = {}
   if "eval" in args.stages:
     results["eval"] = eval_stage(config, params, rng, batch=args.batch,
                                  pool=args.eval_pool, repeats=args.repeats,
-                                 buckets=buckets)
+                                 buckets=buckets, pack=not args.no_pack)
   for stage in (s for s in args.stages if s != "eval"):
     compiled, compile_s = {}, {"padded": 0.0, "trimmed": 0.0}
     t0 = time.perf_counter()
@@ -401,7 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       "arch": args.arch, "compute_dtype": args.compute_dtype,
       "batch": args.batch, "batches": args.batches,
       "repeats": args.repeats, "buckets": list(buckets), "seed": args.seed,
-      "sorted_pool": args.sorted_pool,
+      "sorted_pool": args.sorted_pool, "pack": not args.no_pack,
       "loadavg_before": load_before, "loadavg_after": loadavg(),
       "cpu": common.cpu_model(), "jax": jax.__version__,
       "trim_batch_host_s": [b["trim_s"] for b in batches],

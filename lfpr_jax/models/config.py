@@ -93,6 +93,12 @@ class TapConfig:
       recompute the rest, at about one extra forward of the layers. Same parameters,
       same outputs and gradients; no effect without differentiation. How much memory
       it saves is up to XLA's scheduler: little on the CPU (docs/TAP.md §4.9).
+    pack_rows: packed ("unpadded") execution, set by `lfpr_jax.models.trim.trim_batch`
+      for one batch: (text rows, encoder rows), the number of rows of the whole batch
+      that the row-wise work of text-BERT and of the MMT (Q/K/V and output
+      projections, FFN, LayerNorms) runs on, at least the batch's non-padding rows
+      (decoder rows are always added to the MMT's). 0 = off (every row computed).
+      Same parameters and, on the valid rows, the same outputs (`tap.valid_rows`).
   """
 
   arch: str = "tap"
@@ -129,11 +135,16 @@ class TapConfig:
   ocr_dropout: float = 0.1
   compute_dtype: str = "float32"
   remat: bool = False
+  pack_rows: tuple[int, int] = (0, 0)
 
   def __post_init__(self):
     # Lists from JSON / ml_collections become tuples so the config stays hashable.
     object.__setattr__(self, "mmt_heads", tuple(int(h) for h in self.mmt_heads))
     object.__setattr__(self, "mmt_ffn", tuple(int(f) for f in self.mmt_ffn))
+    object.__setattr__(self, "pack_rows", tuple(int(n) for n in self.pack_rows))
+    if len(self.pack_rows) != 2 or min(self.pack_rows) < 0:
+      raise ValueError(f"pack_rows must be two row counts >= 0 (text rows, encoder "
+                       f"rows; 0 = off), got {list(self.pack_rows)}.")
     if len(self.mmt_heads) != len(self.mmt_ffn):
       raise ValueError(
           f"mmt_heads has {len(self.mmt_heads)} layers but mmt_ffn has "

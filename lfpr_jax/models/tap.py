@@ -69,6 +69,37 @@ def additive_mask(valid: Array) -> Array:
   return (1.0 - valid.astype(jnp.float32)) * MASK_VALUE
 
 
+def valid_rows(valid: Array, n: int) -> Array:
+  """Flat indices `[n]` of the valid rows of a `[B, S]` layout, padded with B*S.
+
+  The packed ("unpadded") execution of `TapConfig.pack_rows`: row-wise work (Q/K/V
+  and output projections, FFN, LayerNorms) runs on the n gathered rows only. Index
+  B*S is out of range: `gather_rows` reads zeros there and `scatter_rows` drops it, so
+  the padding entries carry no value and no gradient. n must be at least the number
+  of valid rows (`trim.trim_batch` counts them); extra valid rows would be dropped.
+  """
+  b, s = valid.shape
+  (index,) = jnp.nonzero(valid.reshape(-1), size=n, fill_value=b * s)
+  return index.astype(jnp.int32)
+
+
+def gather_rows(x: Array, rows: Array) -> Array:
+  """`[B, S, ...]` -> `[n, ...]`: the rows `rows` (`valid_rows`) of x (zeros at B*S)."""
+  flat = x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return jnp.take(flat, rows, axis=0, mode="fill", fill_value=0)
+
+
+def scatter_rows(y: Array, rows: Array, batch: int, length: int) -> Array:
+  """`[n, ...]` -> `[B, S, ...]`: y at the rows `rows`, zeros elsewhere.
+
+  Every other row is a padding row of the padded model, which no valid row reads (its
+  key weight is exactly 0), so its value does not matter; zeros keep it finite.
+  """
+  flat = jnp.zeros((batch * length,) + y.shape[1:], y.dtype)
+  flat = flat.at[rows].set(y, mode="drop", unique_indices=True)
+  return flat.reshape((batch, length) + y.shape[1:])
+
+
 def split_layer_masks(mask: LayerMasks, sizes: Sequence[int], what: str
                       ) -> list[Optional[Array]]:
   """Normalises a head/neuron mask argument to one `[n_l]` array (or None) per layer.
@@ -248,10 +279,13 @@ class HeadProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """x `[B, S, d]` -> `[B, h, S, 64]`."""
+    """x `[B, S, d]` -> `[B, h, S, 64]`; packed rows x `[n, d]` -> `[n, h, 64]`."""
     kernel = self.param("kernel", nn.initializers.normal(0.02),
                         (x.shape[-1], self.num_heads, self.head_dim))
     bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.head_dim))
+    if x.ndim == 2:  # as one [d, h*64] matmul (plain 2-D products, also backward)
+      y = einsum("nd,dm->nm", x, kernel.reshape(kernel.shape[0], -1), self.compute_dtype)
+      return y.reshape(y.shape[0], *bias.shape) + bias
     return (einsum("bsd,dhk->bhsk", x, kernel, self.compute_dtype)
             + bias[None, :, None, :])
 
@@ -263,10 +297,14 @@ class OutProjection(nn.Module):
 
   @nn.compact
   def __call__(self, ctx: Array) -> Array:
-    """ctx `[B, h, Q, 64]` -> `[B, Q, d]`."""
+    """ctx `[B, h, Q, 64]` -> `[B, Q, d]`; packed rows ctx `[n, h, 64]` -> `[n, d]`."""
+    heads = ctx.shape[1] if ctx.ndim == 4 else ctx.shape[-2]
     kernel = self.param("kernel", nn.initializers.normal(0.02),
-                        (ctx.shape[1], ctx.shape[-1], self.features))
+                        (heads, ctx.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    if ctx.ndim == 3:  # as one [h*64, d] matmul (plain 2-D products, also backward)
+      return einsum("nm,md->nd", ctx.reshape(ctx.shape[0], -1),
+                    kernel.reshape(-1, self.features), self.compute_dtype) + bias
     return einsum("bhqk,hkd->bqd", ctx, kernel, self.compute_dtype) + bias
 
 
@@ -296,12 +334,26 @@ class SelfAttention(nn.Module):
       self.out_bias = Bias(self.hidden_size, name="out")
     self.dropout = nn.Dropout(self.attention_dropout)
 
-  def project_kv(self, x: Array) -> tuple[Array, Array]:
-    """Keys and values `[B, h, S, 64]` of the rows x `[B, S, d]`."""
-    return self.key(x), self.value(x)
+  def project_kv(self, x: Array, rows: Optional[Array] = None
+                 ) -> tuple[Array, Array]:
+    """Keys and values `[B, h, S, 64]` of the rows x `[B, S, d]`.
+
+    With `rows` (`valid_rows` of x) only those rows are projected; the others are 0.
+    """
+    if rows is None:
+      return self.key(x), self.value(x)
+    xr = gather_rows(x, rows)
+    return tuple(self._unpack(proj(xr), rows, x.shape[:2])
+                 for proj in (self.key, self.value))
+
+  @staticmethod
+  def _unpack(y: Array, rows: Array, shape: Sequence[int]) -> Array:
+    """Packed `[n, h, 64]` -> head-major `[B, h, S, 64]`."""
+    return jnp.swapaxes(scatter_rows(y, rows, *shape), 1, 2)
 
   def __call__(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
-               head_mask: Optional[Array] = None, train: bool = False) -> Array:
+               head_mask: Optional[Array] = None, train: bool = False,
+               rows: Optional[Array] = None) -> Array:
     """Attention of the rows x over one or more key/value segments.
 
     Args:
@@ -311,21 +363,30 @@ class SelfAttention(nn.Module):
         segments together (segments avoid concatenating cached keys).
       head_mask: optional `[h]` multiplier of the attention probabilities.
       train: enables attention-probability dropout.
+      rows: packed execution (`valid_rows` of x): the query projection and the output
+        projection run on these rows only, and the output is packed.
 
     Returns:
-      The attention output projection `[B, Q, d]` (before residual and LayerNorm).
+      The attention output projection `[B, Q, d]` (before residual and LayerNorm), or
+      `[n, d]` with `rows`.
     """
     if self.num_heads == 0:
-      return jnp.broadcast_to(self.out_bias(), x.shape)
-    return self.out(self.context(x, segments, head_mask=head_mask, train=train))
+      shape = x.shape if rows is None else (rows.shape[0], x.shape[-1])
+      return jnp.broadcast_to(self.out_bias(), shape)
+    ctx = self.context(x, segments, head_mask=head_mask, train=train, rows=rows)
+    if rows is not None:
+      ctx = gather_rows(jnp.swapaxes(ctx, 1, 2), rows)   # [n, h, 64]
+    return self.out(ctx)
 
   def context(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
-              head_mask: Optional[Array] = None, train: bool = False) -> Array:
+              head_mask: Optional[Array] = None, train: bool = False,
+              rows: Optional[Array] = None) -> Array:
     """The per-head attention context `[B, h, Q, 64]` (masked), before `out`.
 
     Arguments as `__call__`; the model needs at least one head.
     """
-    q = self.query(x)
+    q = (self.query(x) if rows is None else
+         self._unpack(self.query(gather_rows(x, rows)), rows, x.shape[:2]))
     # Head-major activations [B, h, S, 64]: every product below is a plain batched
     # matmul over (B, h), with no transposes in the forward or backward pass.
     # The products are float32 in either precision, so the scaling, the -10000 mask
@@ -401,28 +462,38 @@ class BertLayer(nn.Module):
     self.ffn_ln = layer_norm("ffn_ln")
     self.dropout = nn.Dropout(c.hidden_dropout)
 
-  def project_kv(self, x: Array) -> Optional[tuple[Array, Array]]:
+  def project_kv(self, x: Array, rows: Optional[Array] = None
+                 ) -> Optional[tuple[Array, Array]]:
     if self.num_heads == 0:
       return None
-    return self.attention.project_kv(x)
+    return self.attention.project_kv(x, rows)
 
   def attend(self, x: Array, segments: Sequence[tuple[Array, Array, Array]], *,
              head_mask: Optional[Array] = None, ffn_mask: Optional[Array] = None,
-             train: bool = False) -> Array:
-    """The layer for query rows x given the key/value segments they attend to."""
+             train: bool = False, rows: Optional[Array] = None) -> Array:
+    """The layer for query rows x given the key/value segments they attend to.
+
+    With `rows` (`valid_rows` of x) every row-wise step runs on those rows only and
+    the other output rows are 0 (packed execution, `TapConfig.pack_rows`).
+    """
     det = not train
-    a = self.attention(x, segments, head_mask=head_mask, train=train)
+    a = self.attention(x, segments, head_mask=head_mask, train=train, rows=rows)
+    shape = x.shape[:2]
+    if rows is not None:
+      x = gather_rows(x, rows)
     x = self.attn_ln(self.dropout(a, deterministic=det) + x)
     f = self.ffn(x, ffn_mask=ffn_mask)
-    return self.ffn_ln(self.dropout(f, deterministic=det) + x)
+    out = self.ffn_ln(self.dropout(f, deterministic=det) + x)
+    return out if rows is None else scatter_rows(out, rows, *shape)
 
   def __call__(self, x: Array, mask: Array, *, head_mask: Optional[Array] = None,
-               ffn_mask: Optional[Array] = None, train: bool = False) -> Array:
+               ffn_mask: Optional[Array] = None, train: bool = False,
+               rows: Optional[Array] = None) -> Array:
     """Full self-attention layer over x `[B, S, d]` with additive mask `[B,1,S|1,S]`."""
-    kv = self.project_kv(x)
+    kv = self.project_kv(x, rows)
     segments = [] if kv is None else [(kv[0], kv[1], mask)]
     return self.attend(x, segments, head_mask=head_mask, ffn_mask=ffn_mask,
-                       train=train)
+                       train=train, rows=rows)
 
   def parts(self, x: Array, mask: Array, *, head_mask: Optional[Array] = None,
             ffn_mask: Optional[Array] = None) -> dict[str, Array]:
@@ -486,9 +557,13 @@ class TextBert(nn.Module):
     e = self.word(text) + self.position(positions) + self.token_type(types)
     x = self.dropout(self.emb_ln(e), deterministic=not train)
     mask = additive_mask(text != 0)[:, None, None, :]
-    call = layer_fn(lambda layer, x, mask: layer(x, mask, train=train), c.remat)
+    rows = (valid_rows(text != 0, c.pack_rows[0])
+            if c.pack_rows[0] and not self.is_mutable_collection("intermediates")
+            else None)
+    call = layer_fn(lambda layer, x, mask, rows: layer(x, mask, train=train, rows=rows),
+                    c.remat)
     for i, layer in enumerate(self.layers):
-      x = call(layer, x, mask)
+      x = call(layer, x, mask, rows)
       self.sow("intermediates", f"layer_out_{i}", x)
     return x
 
@@ -656,7 +731,10 @@ class TAP(nn.Module):
     c = self.config
     head_masks, ffn_masks = self._masks(head_mask, ffn_mask)
     x, mask, enc = self.mmt_inputs(batch, train=train)
-    out, _ = self._mmt(x, mask, head_masks, ffn_masks, train)
+    steps = x.shape[1] - enc["enc_valid"].shape[1]
+    valid = jnp.concatenate(
+        [enc["enc_valid"], jnp.ones((x.shape[0], steps), bool)], axis=1)
+    out, _ = self._mmt(x, mask, head_masks, ffn_masks, train, valid)
     return self._scores(out[:, c.ocr_max:], self.ocr_ptr_net.keys(out[:, :c.ocr_max]),
                         enc["ocr_valid"])
 
@@ -681,13 +759,17 @@ class TAP(nn.Module):
     return x, prefix_lm_mask(enc["enc_valid"], steps), enc
 
   def _mmt(self, x: Array, mask: Array, head_masks: list, ffn_masks: list,
-           train: bool) -> tuple[Array, list]:
+           train: bool, valid: Optional[Array] = None) -> tuple[Array, list]:
     """Runs the MMT layers; returns the last layer's rows from the OCR block on.
 
     Only the OCR rows (pointer-net keys) and decoder rows of the last layer are ever
     read, so its queries are restricted to them (its keys/values still cover every
     row): an exact saving of about 10% of TAP's forward. When intermediates are being
     collected (parity tests) every row is computed.
+
+    With `config.pack_rows` (and `valid` `[B, S]`, the rows that are not padding),
+    every layer's row-wise work runs on the valid rows only (`valid_rows`): the last
+    layer's keys/values too, its (restricted) queries in the padded layout.
 
     Returns:
       `[B, S - 270, d]` (OCR rows, then decoder rows if any) and the per-layer
@@ -696,20 +778,25 @@ class TAP(nn.Module):
     c = self.config
     start = c.encoder_len - c.ocr_max
     full = self.is_mutable_collection("intermediates")
+    rows = None
+    if c.pack_rows[1] and valid is not None and not full:
+      rows = valid_rows(valid, c.pack_rows[1]
+                        + x.shape[0] * (x.shape[1] - c.encoder_len))
     attend = layer_fn(
-        lambda layer, q, segments, head_mask, ffn_mask: layer.attend(
-            q, segments, head_mask=head_mask, ffn_mask=ffn_mask, train=train),
+        lambda layer, q, segments, head_mask, ffn_mask, rows: layer.attend(
+            q, segments, head_mask=head_mask, ffn_mask=ffn_mask, train=train,
+            rows=rows),
         c.remat)
     kvs = []
     for i, layer in enumerate(self.mmt_layers):
-      kv = layer.project_kv(x)
+      kv = layer.project_kv(x, rows)
       kvs.append(kv)
-      q, m = x, mask
+      q, m, q_rows = x, mask, rows
       if i == len(self.mmt_layers) - 1 and not full:
-        q = x[:, start:]
+        q, q_rows = x[:, start:], None
         m = mask if mask.shape[2] == 1 else mask[:, :, start:]
       segments = [] if kv is None else [(kv[0], kv[1], m)]
-      x = attend(layer, q, segments, head_masks[i], ffn_masks[i])
+      x = attend(layer, q, segments, head_masks[i], ffn_masks[i], q_rows)
       self.sow("intermediates", f"mmt_out_{i}", x)
     return (x[:, start:] if full else x), kvs
 
@@ -729,7 +816,7 @@ class TAP(nn.Module):
     enc = self._inputs(batch, train)
     x = jnp.concatenate([enc["txt"], enc["obj"], enc["ocr"]], axis=1)
     mask = additive_mask(enc["enc_valid"])[:, None, None, :]
-    ocr_out, kv = self._mmt(x, mask, head_masks, ffn_masks, train)
+    ocr_out, kv = self._mmt(x, mask, head_masks, ffn_masks, train, enc["enc_valid"])
     ans_emb, ocr_emb = self.prev_pred_embeddings.tables(self.classifier_embedding,
                                                         enc["ocr"])
     return dict(kv=kv, enc_mask=mask, ocr_keys=self.ocr_ptr_net.keys(ocr_out),

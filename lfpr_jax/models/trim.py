@@ -212,9 +212,35 @@ def trimmed_config(config: TapConfig, sizes: Sequence[int]) -> TapConfig:
                              obj_max=n_o, ocr_max=n_c)
 
 
+PACK_STEPS = 8  # packed row counts round up to multiples of 1/PACK_STEPS of the padded
+
+
+def pack_bucket(rows: int, full: int, steps: int = PACK_STEPS) -> int:
+  """Rows to pack `rows` valid rows of `full` into: rounded up to a multiple of
+  ceil(full / steps), so at most `steps` counts (compiles) per shape; 0 (packing
+  off) where that reaches `full`."""
+  granule = max(1, -(-full // steps))
+  n = -(-max(rows, 1) // granule) * granule
+  return 0 if n >= full else n
+
+
+def packed_rows(batch: Mapping[str, Any], config: TapConfig) -> tuple[int, int]:
+  """`TapConfig.pack_rows` for a batch already trimmed to `config`: the bucketed
+  counts of its non-padding text rows and encoder rows (text + objects + OCR)."""
+  c = config
+  text = np.asarray(batch["cmb_text"])
+  b = len(text)
+  n_text = int((text != 0).sum())
+  n_enc = (n_text + int(np.minimum(np.asarray(batch["obj_num"]), c.obj_max).sum())
+           + int(np.minimum(np.asarray(batch["ocr_num"]), c.ocr_max).sum()))
+  return (pack_bucket(n_text, b * c.text_len) if c.text_bert_layers else 0,
+          pack_bucket(n_enc, b * c.encoder_len))
+
+
 def trim_batch(batch: Mapping[str, Any], config: TapConfig, *,
                buckets: Sequence[int] = DEFAULT_BUCKETS,
-               global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None
+               global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+               pack: bool = False
                ) -> tuple[dict[str, np.ndarray], TapConfig, TrimInfo]:
   """Cuts the padding of a batch to bucketed sizes (host side, numpy).
 
@@ -226,6 +252,9 @@ def trim_batch(batch: Mapping[str, Any], config: TapConfig, *,
     buckets: allowed sizes below the full size of a segment (see `bucket_size`).
     global_lengths: maps this process's per-segment maxima `[5]` to the global ones;
       default `default_global_lengths`.
+    pack: also set the trimmed config's `pack_rows` (`packed_rows`): the row-wise
+      work then runs on the batch's non-padding rows only (`tap.valid_rows`). The
+      counts are this batch's: use it where one process runs the whole batch.
 
   Returns:
     (trimmed batch, trimmed config, info). The trimmed batch holds numpy arrays with
@@ -284,6 +313,8 @@ def trim_batch(batch: Mapping[str, Any], config: TapConfig, *,
     out["targets"] = y[..., :keep]
   info = TrimInfo(sizes=sizes, lengths=tuple(int(n) for n in glob),
                   text_columns=columns)
+  if pack:
+    tc = dataclasses.replace(tc, pack_rows=packed_rows(out, tc))
   return out, tc, info
 
 
@@ -353,14 +384,15 @@ class TrimmedFn:
   def __init__(self, fn: Callable[..., Any], config: TapConfig, *,
                buckets: Sequence[int] = DEFAULT_BUCKETS,
                global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-               jit: bool = True, **jit_kwargs: Any):
-    """Args: fn as above; config: full-size config; buckets, global_lengths: as in
-    `trim_batch`; jit: jit each specialisation (off: plain calls, for debugging);
+               pack: bool = False, jit: bool = True, **jit_kwargs: Any):
+    """Args: fn as above; config: full-size config; buckets, global_lengths, pack: as
+    in `trim_batch`; jit: jit each specialisation (off: plain calls, for debugging);
     jit_kwargs: passed to `jax.jit` (e.g. `static_argnames`, shardings)."""
     self.fn = fn
     self.config = config
     self.buckets = _check_buckets(buckets)
     self.global_lengths = global_lengths
+    self.pack = pack
     self._jit = jit
     self._jit_kwargs = jit_kwargs
     self._compiled = PerShape(self._build)
@@ -384,7 +416,7 @@ class TrimmedFn:
                ) -> tuple[Any, TrimInfo]:
     """Trims `batch` and runs the specialised `fn`; returns (fn's output, info)."""
     trimmed, tc, info = trim_batch(batch, self.config, buckets=self.buckets,
-                                   global_lengths=self.global_lengths)
+                                   global_lengths=self.global_lengths, pack=self.pack)
     return self.specialised(tc)(trimmed, *args, **kwargs), info
 
   def restore(self, scores: Array, info: TrimInfo) -> Array:

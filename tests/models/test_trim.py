@@ -90,12 +90,23 @@ def _run_all(config, params, inputs):
   return jax.tree.map(np.asarray, run(params, inputs))
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["trimmed", "trimmed+packed"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_trimmed_equals_padded(case):
+def test_trimmed_equals_padded(case, pack):
+  """Scores, loss, greedy decoding and mask gradients; with `pack` the row-wise work
+  also runs on the non-padding rows only (`TapConfig.pack_rows`)."""
   config = BASE
   params = random_params(config, seed=3)
   inputs = make_batch(config, CASES[case], seed=len(case))
-  trimmed, tc, info = trim.trim_batch(inputs, config, buckets=BUCKETS)
+  trimmed, tc, info = trim.trim_batch(inputs, config, buckets=BUCKETS, pack=pack)
+  if pack:  # packing is on for both the text-BERT and the MMT rows
+    rows = np.asarray(CASES[case])
+    n_text = rows[:, :3].sum()  # every valid wordpiece
+    assert n_text <= tc.pack_rows[0] < len(rows) * tc.text_len
+    assert tc.pack_rows[1] >= n_text + rows[:, 3].sum() + rows[:, 4].sum()
+    assert 0 < tc.pack_rows[1] < len(rows) * tc.encoder_len
+  else:
+    assert tc.pack_rows == (0, 0)
   want = np.minimum(np.asarray(CASES[case]).max(0), trim.segment_sizes(config))
   assert info.sizes == tuple(trim.bucket_size(int(n), f, BUCKETS)
                              for n, f in zip(want, trim.segment_sizes(config)))
@@ -261,6 +272,21 @@ def test_per_shape_builds_once_per_config():
   assert fns(short)(2) == (short.mmt_len, 2)
   assert fns(BASE) is fns(BASE)
   assert built == [BASE, short] and len(fns) == 2
+
+
+def test_pack_bucket_and_counts():
+  assert trim.pack_bucket(0, 80) == 10 and trim.pack_bucket(10, 80) == 10
+  assert trim.pack_bucket(11, 80) == 20 and trim.pack_bucket(70, 80) == 70
+  assert trim.pack_bucket(71, 80) == 0   # would round up to the full size: off
+  assert {trim.pack_bucket(n, 6112) for n in range(6113)} - {0} == {
+      764 * k for k in range(1, 8)}
+  x = make_batch(BASE, CASES["mixed"], seed=4)
+  text = (x["cmb_text"] != 0).sum()
+  enc = text + np.minimum(x["obj_num"], BASE.obj_max).sum() + np.minimum(
+      x["ocr_num"], BASE.ocr_max).sum()
+  full_text, full_enc = 5 * BASE.text_len, 5 * BASE.encoder_len
+  assert trim.packed_rows(x, BASE) == (trim.pack_bucket(text, full_text),
+                                       trim.pack_bucket(enc, full_enc))
 
 
 def test_sort_by_length_round_trip():
