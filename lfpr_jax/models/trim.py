@@ -367,6 +367,9 @@ class PerShape:
   def __len__(self) -> int:
     return len(self._fns)
 
+  def __contains__(self, config: object) -> bool:
+    return config in self._fns
+
 
 class TrimmedFn:
   """Runs `fn` on trimmed batches, with one jitted function per trimmed shape.
@@ -384,10 +387,12 @@ class TrimmedFn:
   def __init__(self, fn: Callable[..., Any], config: TapConfig, *,
                buckets: Sequence[int] = DEFAULT_BUCKETS,
                global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-               pack: bool = False, jit: bool = True, **jit_kwargs: Any):
-    """Args: fn as above; config: full-size config; buckets, global_lengths, pack: as
-    in `trim_batch`; jit: jit each specialisation (off: plain calls, for debugging);
-    jit_kwargs: passed to `jax.jit` (e.g. `static_argnames`, shardings)."""
+               pack: Optional[bool] = False, jit: bool = True, **jit_kwargs: Any):
+    """Args: fn as above; config: full-size config; buckets, global_lengths: as in
+    `trim_batch`; pack: `trim_batch(pack=...)` of `__call__` (None counts as False
+    there; `parallel.Trim` reads it as "where one device runs the batch"); jit: jit
+    each specialisation (off: plain calls, for debugging); jit_kwargs: passed to
+    `jax.jit` (e.g. `static_argnames`, shardings)."""
     self.fn = fn
     self.config = config
     self.buckets = _check_buckets(buckets)
@@ -416,7 +421,8 @@ class TrimmedFn:
                ) -> tuple[Any, TrimInfo]:
     """Trims `batch` and runs the specialised `fn`; returns (fn's output, info)."""
     trimmed, tc, info = trim_batch(batch, self.config, buckets=self.buckets,
-                                   global_lengths=self.global_lengths, pack=self.pack)
+                                   global_lengths=self.global_lengths,
+                                   pack=bool(self.pack))
     return self.specialised(tc)(trimmed, *args, **kwargs), info
 
   def restore(self, scores: Array, info: TrimInfo) -> Array:

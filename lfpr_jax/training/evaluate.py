@@ -17,7 +17,7 @@ their results in the unsorted order whenever the batches carry `parallel.POSITIO
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,8 @@ def score_answers(dataset: str, predictions: Sequence[str],
 
 
 def greedy_predictor(config: TapConfig, mesh: Mesh, bos_index: int, *, trim: bool,
-                     buckets: Sequence[int] = trimming.DEFAULT_BUCKETS
+                     buckets: Sequence[int] = trimming.DEFAULT_BUCKETS,
+                     pack: Optional[bool] = None
                      ) -> Callable[..., jax.Array] | trimming.TrimmedFn:
   """The `predict` of `answer_batches` / `evaluate`: greedy argmax indices `[B, T]`.
 
@@ -81,6 +82,8 @@ def greedy_predictor(config: TapConfig, mesh: Mesh, bos_index: int, *, trim: boo
       indices need no restoring: OCR slot j keeps index V_a + j. Off: the padded
       `step.make_predict`.
     buckets: as in `trim.trim_batch`.
+    pack: packed rows, as `parallel.Trim.pack` (None: on where one device runs the
+      batch).
   """
   if not trim:
     return make_predict(TAP(config), mesh, bos_index)
@@ -89,7 +92,7 @@ def greedy_predictor(config: TapConfig, mesh: Mesh, bos_index: int, *, trim: boo
     scores, _ = greedy_decode(TAP(c), {"params": params}, batch, bos_index=bos_index)
     return jnp.argmax(scores, axis=-1)
   return trimming.TrimmedFn(
-      predict, config, buckets=buckets,
+      predict, config, buckets=buckets, pack=pack,
       in_shardings=(parallel.data_sharded(mesh), parallel.replicated(mesh)),
       out_shardings=parallel.replicated(mesh))
 
@@ -125,7 +128,8 @@ def answer_batches(predict: Callable[..., jax.Array] | trimming.TrimmedFn,
   kw = dict(local_batch=local_batch, num_batches=num_batches, mesh=mesh,
             fields=MODEL_INPUTS, desc=desc, progress=progress)
   if isinstance(predict, trimming.TrimmedFn):
-    trim = parallel.Trim(predict.config, predict.buckets, predict.global_lengths)
+    trim = parallel.Trim(predict.config, predict.buckets, predict.global_lengths,
+                         predict.pack)
     runs = ((lambda g=g, tc=tc: predict.specialised(tc)(g, params))
             for g, tc, _ in parallel.trimmed_global_batches(tap(iter(batches)),
                                                             trim=trim, **kw))

@@ -216,10 +216,12 @@ class Trim:
     global_lengths: maps this process's per-segment maxima `[5]` to the maxima over
       all processes (default `trim.default_global_lengths`: an all-gather on several
       processes, so every process trims to the same shapes).
-    pack: packed execution (`trim.trim_batch(pack=True)`: row-wise work on the
-      non-padding rows only); None = on where one device runs the whole batch (one
-      process, a mesh of one device), off otherwise (the packed rows of a sharded
-      batch would be gathered across devices).
+    pack: packed execution (`trim.trim_batch(pack=True)`: the row-wise work runs on
+      the non-padding rows only). Only where one device runs the whole batch (one
+      process, a mesh of one device): the packed rows of a sharded batch would be
+      gathered across devices. None (default): on there, off elsewhere; True
+      elsewhere raises a ValueError. Each packed row count (at most 8 per trimmed
+      shape, `trim.pack_bucket`) is one more program to compile.
   """
   config: TapConfig
   buckets: tuple[int, ...] = trimming.DEFAULT_BUCKETS
@@ -248,11 +250,16 @@ def trimmed_global_batches(loader: Iterator[Mapping[str, Any]], *, trim: Trim,
     `TAP(trimmed config)` and the unchanged params; `trim.restore_scores(scores,
     trim.config, info)` gives the padded score layout back.
   """
-  pack = (jax.process_count() == 1 and mesh.size == 1) if trim.pack is None else trim.pack
+  one_device = jax.process_count() == 1 and mesh.size == 1
+  if trim.pack and not one_device:
+    raise ValueError(f"Trim(pack=True) needs one process and a mesh of one device, "
+                     f"got {jax.process_count()} processes and {mesh.size} devices.")
+  pack = one_device if trim.pack is None else trim.pack
   for local in _local_batches(loader, local_batch=local_batch, num_batches=num_batches,
                               fields=fields, desc=desc, progress=progress, fill=fill):
     cut, tc, info = trimming.trim_batch(local, trim.config, buckets=trim.buckets,
-                                        global_lengths=trim.global_lengths, pack=pack)
+                                        global_lengths=trim.global_lengths,
+                                        pack=pack)
     cut["text_position_ids"] = np.broadcast_to(
         cut["text_position_ids"][None], (local_batch, len(info.text_columns))).copy()
     yield global_batch(cut, mesh), tc, info

@@ -131,3 +131,29 @@ def test_trimmed_greedy_evaluation_equals_padded_on_mixed_lengths():
   # batch 3's shape.
   assert run.num_specialisations == 3
   assert trim.trimmed_config(TINY, (4, 4, 4, 5, 6)) in run._compiled
+
+
+def test_packed_greedy_evaluation_equals_padded_on_one_device():
+  """Packed rows (`trim_batch(pack=True)`) on one device; refused on two."""
+  from tests.helpers import random_params  # noqa: PLC0415
+  cases = [[(4, 4, 4, 5, 6), (1, 1, 1, 0, 0), (2, 3, 1, 2, 3), (4, 0, 2, 5, 1)],
+           [(2, 1, 1, 1, 2), (1, 2, 2, 0, 1), (2, 2, 1, 2, 2), (1, 1, 1, 1, 1)]]
+  vocab = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>"]
+                                 + [f"a{i}" for i in range(TINY.num_answers - 4)])
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  params = parallel.replicate(random_params(TINY, seed=3, scale=0.4), mesh)
+  run = evaluation.greedy_predictor(TINY, mesh, 1, trim=True, buckets=(1, 2),
+                                    pack=True)
+  out = {}
+  for name, predict in (("padded", evaluation.greedy_predictor(TINY, mesh, 1,
+                                                                trim=False)),
+                        ("packed", run)):
+    out[name] = evaluation.evaluate(predict, params, _mixed_batches(cases), vocab, mesh,
+                                    dataset="textvqa", local_batch=4, num_batches=2,
+                                    predictions=True)
+  assert out["packed"] == out["padded"]
+  assert all(any(c.pack_rows) for c in run._compiled._fns)
+  mesh2 = parallel.make_mesh(jax.devices()[:2])
+  with pytest.raises(ValueError, match="one process and a mesh of one device"):
+    evaluation.evaluate(run, parallel.replicate(params, mesh2), _mixed_batches(cases),
+                        vocab, mesh2, dataset="textvqa", local_batch=4, num_batches=2)
