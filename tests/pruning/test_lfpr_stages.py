@@ -172,6 +172,24 @@ def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
   _assert_trees(cut, padded, rtol=2e-5, atol=2e-6)
 
 
+def test_rest_packed_equals_padded(tiny, tmp_path, monkeypatch):
+  """On one device trimmed ReSt also packs its rows (`TapConfig.pack_rows`): the
+  parameter gradients of the packed steps train the padded run's parameters."""
+  compiled = []
+  make = train_step.make_train_step
+
+  def counting(model, *args, **kwargs):
+    compiled.append(model.config)
+    return make(model, *args, **kwargs)
+  monkeypatch.setattr(train_step, "make_train_step", counting)
+  one = jax.devices()[:1]
+  cut, s1 = _retrain(tiny, str(tmp_path / "cut"), devices=one, steps=6, trim=True)
+  assert compiled and any(any(c.pack_rows) for c in compiled)
+  padded, s2 = _retrain(tiny, str(tmp_path / "padded"), devices=one, steps=6)
+  np.testing.assert_allclose(s1["final_loss"], s2["final_loss"], rtol=1e-5)
+  _assert_trees(cut, padded, rtol=2e-5, atol=2e-6)
+
+
 def test_rest_resume_equals_uninterrupted(tiny, tmp_path):
   full, summary = _retrain(tiny, str(tmp_path / "a"), steps=5)
   part, first = _retrain(tiny, str(tmp_path / "b"), steps=5, stop_after=3)
