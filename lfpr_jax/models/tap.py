@@ -96,7 +96,9 @@ def scatter_rows(y: Array, rows: Array, batch: int, length: int) -> Array:
   key weight is exactly 0), so its value does not matter; zeros keep it finite.
   """
   flat = jnp.zeros((batch * length,) + y.shape[1:], y.dtype)
-  flat = flat.at[rows].set(y, mode="drop", unique_indices=True)
+  # An add into zeros: the valid indices are distinct, and the padding entries (all
+  # B*S, out of range) are dropped; its transpose is a plain gather.
+  flat = flat.at[rows].add(y, mode="drop")
   return flat.reshape((batch, length) + y.shape[1:])
 
 
