@@ -13,6 +13,7 @@ the activation memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -222,10 +223,17 @@ def make_trimmed_train_step(model: TAP, tx: optax.GradientTransformation, mesh: 
   holds target 0 at the masked score, so with dropout off the loss and gradients are
   the padded step's up to float summation order; with dropout on the masks are drawn
   for other shapes (the same distribution, other masks). `kwargs`: as
-  `make_train_step`. `step.num_specialisations()` counts the compiled shapes.
+  `make_train_step`; with `microbatches > 1` packed configs run unpacked (their row
+  counts are the whole batch's). `step.num_specialisations()` counts the compiled
+  shapes.
   """
-  steps = trim.PerShape(
-      lambda config: make_train_step(model.clone(config=config), tx, mesh, **kwargs))
+  def build(config):
+    if kwargs.get("microbatches", 1) > 1 and any(config.pack_rows):
+      # Packed row counts are the whole batch's; a micro-batch would gather that
+      # many rows out of fewer: run the micro-batches trimmed but unpacked.
+      config = dataclasses.replace(config, pack_rows=(0, 0))
+    return make_train_step(model.clone(config=config), tx, mesh, **kwargs)
+  steps = trim.PerShape(build)
 
   def step(state, frozen, item, rng):
     batch, config, _ = item

@@ -216,3 +216,22 @@ def test_microbatches_data_parallel_equal_single_device_one_pass():
     results.append(step(state, parallel.replicate(frozen, mesh),
                         parallel.global_batch(batch, mesh), jax.random.key(5)))
   _assert_steps_close(*results)
+
+
+@pytest.mark.parametrize("microbatches, want", [(1, (10, 20)), (2, (0, 0))])
+def test_trimmed_step_runs_micro_batches_unpacked(monkeypatch, microbatches, want):
+  """Packed row counts are the whole batch's: micro-batched steps run unpacked."""
+  from lfpr_jax.training import step as step_module  # noqa: PLC0415
+  built = []
+
+  def fake_make_train_step(model, tx, mesh, **kwargs):
+    built.append(model.config)
+    return lambda *args: args
+  monkeypatch.setattr(step_module, "make_train_step", fake_make_train_step)
+  packed = dataclasses.replace(BASE, pack_rows=(10, 20))
+  run = step_module.make_trimmed_train_step(TAP(BASE), None, None,
+                                            microbatches=microbatches)
+  run("state", "frozen", ("batch", packed, None), "rng")
+  run("state", "frozen", ("batch", packed, None), "rng")
+  assert [c.pack_rows for c in built] == [want]   # built once per shape
+  assert run.num_specialisations() == 1
