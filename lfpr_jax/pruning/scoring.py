@@ -317,6 +317,14 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
   # One jitted gradient function per (trimmed) config.
   grads_for = trim.PerShape(lambda config: make_grads_fn(
       crit, model.clone(config=config), mesh, group_size=group_size))
+
+  def scoring_config(config, rows):
+    # Packed row counts (`TapConfig.pack_rows`) are the whole batch's; the criteria
+    # run the model per sample or per group (vmapped), which would gather that many
+    # rows for each: pack only a batch that is one group.
+    if any(config.pack_rows) and (crit.per_sample or rows != group_size):
+      return dataclasses.replace(config, pack_rows=(0, 0))
+    return config
   grads_for(model.config)   # the criterion's own checks, before any batch is read
   # Weights, ids and answer flags to the host (all processes see the global rows).
   host_fields = ("weight", "question_id") + (("has_answers",) if crit.needs_labels
@@ -347,7 +355,7 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
     w, q = host["weight"], host["question_id"]
     if crit.needs_labels:
       criteria.check_labels(crit, host["has_answers"], weight=w, what=f"batch {i}")
-    gh, gf = (np.asarray(x) for x in grads_for(config)(
+    gh, gf = (np.asarray(x) for x in grads_for(scoring_config(config, n))(
         params, select(batch, crit.fields + ("weight",)), rng))
     if crit.per_sample:
       keep = w > 0

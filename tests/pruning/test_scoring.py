@@ -198,3 +198,47 @@ def test_lfpr_groups_samples_and_keeps_batch_grads(small_model, monkeypatch, dro
     scoring.compute("lfpr", model, params, batches)
   with pytest.raises(ValueError, match="pass batches"):
     scoring.compute("fisher", model, params)
+
+
+@pytest.mark.parametrize("criterion", ["fisher", "lfpr"])
+def test_packed_scoring_equals_padded_and_packs_whole_groups_only(small_model,
+                                                                  monkeypatch, criterion):
+  """Trimmed + packed batches (`trim_batch(pack=True)`): the scores are the padded
+  ones; packing is kept where the batch is one group (fisher, group_size = batch) and
+  dropped where the criterion runs per sample (its row counts are the batch's)."""
+  from lfpr_jax.models import trim  # noqa: PLC0415
+  model, params = small_model
+  batches = []
+  for i in range(2):
+    b = {k: np.array(v) for k, v in labelled_batch(4, seed=40 + i).items()}
+    b["obj_num"] = np.array([1, 3, 0, 2]) + i
+    b["ocr_num"] = np.array([0, 2, 1, 3])
+    ocr_cols = np.arange(TINY.ocr_max)[None, None] < b["ocr_num"][:, None, None]
+    b["targets"][..., TINY.num_answers:] *= ocr_cols
+    b["train_prev_inds"] = np.minimum(b["train_prev_inds"], TINY.num_answers - 1)
+    b["cmb_text"][:, -3:] = 0
+    batches.append(b)
+  items = [trim.trim_batch(b, TINY, buckets=(1, 2, 4), pack=True) for b in batches]
+  for cut, _, info in items:  # batch-first, as parallel.trimmed_global_batches gives it
+    cut["text_position_ids"] = np.broadcast_to(info.text_columns, cut["cmb_text"].shape)
+  assert all(tc.pack_rows[1] for _, tc, _ in items)
+  built = []
+  real = scoring.make_grads_fn
+
+  def spy(crit, m, *args, **kwargs):
+    built.append(m.config)
+    return real(crit, m, *args, **kwargs)
+  monkeypatch.setattr(scoring, "make_grads_fn", spy)
+  # lfpr without dropout: per-sample gradients (LFPR's label-free objective).
+  options = dict(t_star=0, bos_index=1, dropout=False) if criterion == "lfpr" else {}
+  padded = scoring.compute(criterion, model, params, batches, group_size=4, **options)
+  packed = scoring.compute(criterion, model, params, items, group_size=4,
+                           trimmed=True, **options)
+  for name in ("head", "ffn"):
+    want, got = getattr(padded, name), getattr(packed, name)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+  cut = [c for c in built if c.text_len != TINY.text_len or c.obj_max != TINY.obj_max]
+  assert cut
+  per_sample = criterion == "lfpr"
+  assert all(any(c.pack_rows) != per_sample for c in cut)
