@@ -255,6 +255,48 @@ def test_trimmed_teacher_forcing(g):
   assert_loss_close(loss, g.out["tf_loss"], "trimmed teacher-forced loss")
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["trimmed", "trimmed+packed"])
+def test_variable_length_greedy_and_lfpr_gradients(g, pack):
+  """Greedy decoding and the whole-batch LFPR mask gradients (both variants, every t)
+  of the golden batch through the variable-length path: trimmed, and trimmed with the
+  row-wise work packed onto the non-padding rows (`trim_batch(pack=True)`)."""
+  inputs = {k: np.asarray(v) for k, v in g.inputs.items()}
+  trimmed, config, info = trim.trim_batch(inputs, g.config, pack=pack)
+  assert any(config.pack_rows) == pack
+  model = TAP(config)
+  steps = len(STEPS)
+  ones = (jnp.ones((config.mmt_layers, max(config.mmt_heads))),
+          jnp.ones((config.mmt_layers, max(config.mmt_ffn))))
+
+  @jax.jit
+  def run(p, x):
+    def objective(h, f, variant):  # [steps]: sum_b max_c scores[b, t, c]
+      if variant == "tf":
+        scores = model.apply({"params": p}, x, head_mask=h, ffn_mask=f)
+      else:
+        scores, _ = greedy_decode(model, {"params": p}, x, num_steps=steps,
+                                  head_mask=h, ffn_mask=f)
+      return jnp.max(scores[:, :steps], axis=-1).sum(0)
+    grads = {v: jax.jacrev(lambda h, f, v=v: objective(h, f, v), argnums=(0, 1))(*ones)
+             for v in VARIANTS}
+    return greedy_decode(model, {"params": p}, x), grads
+
+  (scores, prev), grads = jax.tree.map(np.asarray, run(g.params, trimmed))
+  scores = trim.restore_scores(scores, g.config, info)
+  what = "packed" if pack else "trimmed"
+  assert_scores_close(scores, g.out["greedy_scores"], g.valid, f"{what} greedy scores")
+  assert_argmax_equal(scores, g.out["greedy_argmax"], g.out["greedy_top2_margin"],
+                      f"{what} greedy argmax")
+  sure = np.all(g.out["greedy_top2_margin"] > MARGIN, axis=1)
+  np.testing.assert_array_equal(prev[sure], g.out["greedy_prev_inds"][sure])
+  for variant in VARIANTS:
+    head, ffn = grads[variant]
+    for i, t in enumerate(STEPS):
+      key = f"lfpr_{variant}_%s_t{t}"
+      assert_grad_close(head[i], g.out[key % "head_grad"], f"{what} {variant} head t={t}")
+      assert_grad_close(ffn[i], g.out[key % "ffn_grad"], f"{what} {variant} ffn t={t}")
+
+
 def test_greedy_decoding_cached(g):
   scores, prev = g.runs["greedy"], g.runs["greedy_prev"]
   assert_scores_close(scores, g.out["greedy_scores"], g.valid, "greedy scores")
