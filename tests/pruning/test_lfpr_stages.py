@@ -153,10 +153,8 @@ def test_rest_data_parallel_equals_single_device_and_freezes(tiny, tmp_path):
   assert any("mask" in k for k in changed)
 
 
-def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
-  """Trimmed ReSt (one compiled step per shape) trains the padded run's parameters up
-  to float noise (the tiny model has no dropout)."""
-  assert tiny["pruned_config"].hidden_dropout == 0.0
+def _record_compiled_steps(monkeypatch) -> list:
+  """The configs `step.make_train_step` builds a step for, in order (a spy)."""
   compiled = []
   make = train_step.make_train_step
 
@@ -164,6 +162,14 @@ def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
     compiled.append(model.config)
     return make(model, *args, **kwargs)
   monkeypatch.setattr(train_step, "make_train_step", counting)
+  return compiled
+
+
+def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
+  """Trimmed ReSt (one compiled step per shape) trains the padded run's parameters up
+  to float noise (the tiny model has no dropout)."""
+  assert tiny["pruned_config"].hidden_dropout == 0.0
+  compiled = _record_compiled_steps(monkeypatch)
   cut, s1 = _retrain(tiny, str(tmp_path / "cut"), steps=6, trim=True)
   assert len(compiled) > 1 and all(c != tiny["pruned_config"] for c in compiled)
   padded, s2 = _retrain(tiny, str(tmp_path / "padded"), steps=6)
@@ -175,13 +181,7 @@ def test_rest_trimmed_equals_padded(tiny, tmp_path, monkeypatch):
 def test_rest_packed_equals_padded(tiny, tmp_path, monkeypatch):
   """On one device trimmed ReSt also packs its rows (`TapConfig.pack_rows`): the
   parameter gradients of the packed steps train the padded run's parameters."""
-  compiled = []
-  make = train_step.make_train_step
-
-  def counting(model, *args, **kwargs):
-    compiled.append(model.config)
-    return make(model, *args, **kwargs)
-  monkeypatch.setattr(train_step, "make_train_step", counting)
+  compiled = _record_compiled_steps(monkeypatch)
   one = jax.devices()[:1]
   cut, s1 = _retrain(tiny, str(tmp_path / "cut"), devices=one, steps=6, trim=True)
   assert compiled and any(any(c.pack_rows) for c in compiled)

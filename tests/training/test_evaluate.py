@@ -104,54 +104,48 @@ def _mixed_batches(lengths_per_batch, seed=0):
     yield batch
 
 
+MIXED_CASES = [[(4, 4, 4, 5, 6), (1, 1, 1, 0, 0), (2, 3, 1, 2, 3), (4, 0, 2, 5, 1)],
+               [(2, 1, 1, 1, 2), (1, 2, 2, 0, 1), (2, 2, 1, 2, 2), (1, 1, 1, 1, 1)],
+               [(3, 2, 4, 5, 0), (2, 2, 2, 3, 0)]]
+
+
+def _padded_and_variable_length(mesh, run, cases, num_batches):
+  """`evaluate` of TINY on the mixed-length cases, padded and with `run`."""
+  from tests.helpers import random_params  # noqa: PLC0415
+  params = parallel.replicate(random_params(TINY, seed=3, scale=0.4), mesh)
+  vocab = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>"]
+                                 + [f"a{i}" for i in range(TINY.num_answers - 4)])
+  padded = evaluation.greedy_predictor(TINY, mesh, 1, trim=False)
+  return [evaluation.evaluate(predict, params, _mixed_batches(cases), vocab, mesh,
+                              dataset="textvqa", local_batch=4,
+                              num_batches=num_batches, predictions=True)
+          for predict in (padded, run)], params, vocab
+
+
 def test_trimmed_greedy_evaluation_equals_padded_on_mixed_lengths():
   """Extremes in one batch, short batches, an all-padding step, 2 devices."""
   from lfpr_jax.models import trim  # noqa: PLC0415
-  from tests.helpers import random_params  # noqa: PLC0415
   mesh = parallel.make_mesh(jax.devices()[:2])
-  params = parallel.replicate(random_params(TINY, seed=3, scale=0.4), mesh)
-  cases = [[(4, 4, 4, 5, 6), (1, 1, 1, 0, 0), (2, 3, 1, 2, 3), (4, 0, 2, 5, 1)],
-           [(2, 1, 1, 1, 2), (1, 2, 2, 0, 1), (2, 2, 1, 2, 2), (1, 1, 1, 1, 1)],
-           [(3, 2, 4, 5, 0), (2, 2, 2, 3, 0)]]
-  vocab = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>"]
-                                 + [f"a{i}" for i in range(TINY.num_answers - 4)])
   run = evaluation.greedy_predictor(TINY, mesh, 1, trim=True, buckets=(1, 2))
-  out = {}
-  for name, predict in (("padded", evaluation.greedy_predictor(TINY, mesh, 1,
-                                                                trim=False)),
-                        ("trimmed", run)):
-    out[name] = evaluation.evaluate(predict, params, _mixed_batches(cases), vocab, mesh,
-                                    dataset="textvqa", local_batch=4, num_batches=4,
-                                    predictions=True)
-  assert out["trimmed"] == out["padded"]
-  assert out["padded"]["num_examples"] == 10
-  answers = [p["answer"] for p in out["padded"]["predictions"]]
+  (padded, trimmed), _, _ = _padded_and_variable_length(mesh, run, MIXED_CASES, 4)
+  assert trimmed == padded
+  assert padded["num_examples"] == 10
+  answers = [p["answer"] for p in padded["predictions"]]
   assert len(set(answers)) > 2, answers
   # Batches 1 and 3 are cut in every segment; batch 0 is full; the last step repeats
-  # batch 3's shape.
+  # batch 3's shape; on two devices nothing is packed.
   assert run.num_specialisations == 3
   assert trim.trimmed_config(TINY, (4, 4, 4, 5, 6)) in run._compiled
 
 
 def test_packed_greedy_evaluation_equals_padded_on_one_device():
   """Packed rows (`trim_batch(pack=True)`) on one device; refused on two."""
-  from tests.helpers import random_params  # noqa: PLC0415
-  cases = [[(4, 4, 4, 5, 6), (1, 1, 1, 0, 0), (2, 3, 1, 2, 3), (4, 0, 2, 5, 1)],
-           [(2, 1, 1, 1, 2), (1, 2, 2, 0, 1), (2, 2, 1, 2, 2), (1, 1, 1, 1, 1)]]
-  vocab = AnswerVocab.from_words(["<pad>", "<s>", "</s>", "<unk>"]
-                                 + [f"a{i}" for i in range(TINY.num_answers - 4)])
+  cases = MIXED_CASES[:2]
   mesh = parallel.make_mesh(jax.devices()[:1])
-  params = parallel.replicate(random_params(TINY, seed=3, scale=0.4), mesh)
   run = evaluation.greedy_predictor(TINY, mesh, 1, trim=True, buckets=(1, 2),
                                     pack=True)
-  out = {}
-  for name, predict in (("padded", evaluation.greedy_predictor(TINY, mesh, 1,
-                                                                trim=False)),
-                        ("packed", run)):
-    out[name] = evaluation.evaluate(predict, params, _mixed_batches(cases), vocab, mesh,
-                                    dataset="textvqa", local_batch=4, num_batches=2,
-                                    predictions=True)
-  assert out["packed"] == out["padded"]
+  (padded, packed), params, vocab = _padded_and_variable_length(mesh, run, cases, 2)
+  assert packed == padded
   assert all(any(c.pack_rows) for c in run._compiled._fns)
   mesh2 = parallel.make_mesh(jax.devices()[:2])
   with pytest.raises(ValueError, match="one process and a mesh of one device"):
