@@ -140,7 +140,7 @@ def _greedy_fraction(config: TapConfig, trimmed: TapConfig, batch_size: int = 1
                      ) -> float:
   """Cached greedy decoding: the encoder part packed as in `forward_flops`, the
   single-row steps unchanged."""
-  unpacked = dataclasses.replace(trimmed, pack_rows=(0, 0))
+  unpacked = trim.unpacked(trimmed)
   fwd, fwd_unpacked = (common.forward_flops(c, batch_size)
                        for c in (trimmed, unpacked))
   saved = ((fwd_unpacked["text_bert"] - fwd["text_bert"])

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lfpr_jax.models.config import TapConfig
+from lfpr_jax.models.config import COMPUTE_DTYPES, TapConfig
 
 Array = jax.Array
 PyTree = Any
@@ -77,9 +77,10 @@ def valid_rows(valid: Array, n: int) -> Array:
   B*S is out of range: `gather_rows` reads zeros there and `scatter_rows` drops it, so
   the padding entries carry no value and no gradient. n must be at least the number
   of valid rows (`trim.trim_batch` counts them); extra valid rows would be dropped.
+  An n above B*S (a count for a whole batch, applied to part of it) is cut to B*S.
   """
   b, s = valid.shape
-  (index,) = jnp.nonzero(valid.reshape(-1), size=n, fill_value=b * s)
+  (index,) = jnp.nonzero(valid.reshape(-1), size=min(n, b * s), fill_value=b * s)
   return index.astype(jnp.int32)
 
 
@@ -237,12 +238,16 @@ def einsum(subscripts: str, a: Array, b: Array, compute_dtype: str,
   Returns:
     The float32 product.
   """
+  _check_compute_dtype(compute_dtype)
   if compute_dtype == "float32":
     return jnp.einsum(subscripts, a, b) if float32_op is None else float32_op(a, b)
-  if compute_dtype != "bfloat16":
-    raise ValueError(
-        f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
   return bfloat16_einsum(subscripts, a, b)
+
+
+def _check_compute_dtype(compute_dtype: str) -> None:
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got "
+                     f"{compute_dtype!r}.")
 
 
 def bfloat16_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any,
@@ -256,9 +261,7 @@ def bfloat16_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any,
 
 def dense(features: int, name: str, compute_dtype: str = "float32") -> nn.Dense:
   # float32 keeps flax's own lax.dot_general (dot_general=None): the exact old module.
-  if compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(
-        f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}.")
+  _check_compute_dtype(compute_dtype)
   dot_general = None if compute_dtype == "float32" else bfloat16_dot_general
   return nn.Dense(features, kernel_init=nn.initializers.normal(0.02),
                   dot_general=dot_general, name=name)

@@ -237,6 +237,13 @@ def packed_rows(batch: Mapping[str, Any], config: TapConfig) -> tuple[int, int]:
           pack_bucket(n_enc, b * c.encoder_len))
 
 
+def unpacked(config: TapConfig) -> TapConfig:
+  """`config` without packed rows. For code that runs the model on part of a batch
+  (per sample, per group, per micro-batch): `pack_rows` counts the whole batch's
+  rows, so gathering that many from a part would compute more rows than padded."""
+  return dataclasses.replace(config, pack_rows=(0, 0)) if any(config.pack_rows) else config
+
+
 def trim_batch(batch: Mapping[str, Any], config: TapConfig, *,
                buckets: Sequence[int] = DEFAULT_BUCKETS,
                global_lengths: Optional[Callable[[np.ndarray], np.ndarray]] = None,

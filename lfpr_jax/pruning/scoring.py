@@ -322,8 +322,8 @@ def compute(criterion: Union[str, criteria.Criterion], model: Any, params: PyTre
     # Packed row counts (`TapConfig.pack_rows`) are the whole batch's; the criteria
     # run the model per sample or per group (vmapped), which would gather that many
     # rows for each: pack only a batch that is one group.
-    if any(config.pack_rows) and (crit.per_sample or rows != group_size):
-      return dataclasses.replace(config, pack_rows=(0, 0))
+    if crit.per_sample or rows != group_size:
+      return trim.unpacked(config)
     return config
   grads_for(model.config)   # the criterion's own checks, before any batch is read
   # Weights, ids and answer flags to the host (all processes see the global rows).

@@ -13,7 +13,6 @@ the activation memory.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -228,10 +227,8 @@ def make_trimmed_train_step(model: TAP, tx: optax.GradientTransformation, mesh: 
   shapes.
   """
   def build(config):
-    if kwargs.get("microbatches", 1) > 1 and any(config.pack_rows):
-      # Packed row counts are the whole batch's; a micro-batch would gather that
-      # many rows out of fewer: run the micro-batches trimmed but unpacked.
-      config = dataclasses.replace(config, pack_rows=(0, 0))
+    if kwargs.get("microbatches", 1) > 1:
+      config = trim.unpacked(config)   # micro-batches: trimmed, not packed
     return make_train_step(model.clone(config=config), tx, mesh, **kwargs)
   steps = trim.PerShape(build)
 

@@ -1,11 +1,13 @@
 """Variable-length execution (lfpr_jax.models.trim): trimmed TAP == padded TAP."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfpr_jax.models import trim
+from lfpr_jax.models import tap, trim
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
@@ -287,6 +289,12 @@ def test_pack_bucket_and_counts():
   full_text, full_enc = 5 * BASE.text_len, 5 * BASE.encoder_len
   assert trim.packed_rows(x, BASE) == (trim.pack_bucket(text, full_text),
                                        trim.pack_bucket(enc, full_enc))
+  packed = dataclasses.replace(BASE, pack_rows=(10, 20))
+  assert trim.unpacked(packed) == BASE and trim.unpacked(BASE) is BASE
+  # A whole batch's count applied to one sample is cut to that sample's rows; the
+  # padding entries point past the end (B*S).
+  np.testing.assert_array_equal(
+      tap.valid_rows(jnp.asarray([[True, False, True]]), 10), [0, 2, 3])
 
 
 def test_sort_by_length_round_trip():
