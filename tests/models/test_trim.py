@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfpr_jax.models import tap, trim
+from lfpr_jax.models import trim
 from lfpr_jax.models.batch import model_inputs
 from lfpr_jax.models.config import TapConfig
 from lfpr_jax.models.decoding import greedy_decode
 from lfpr_jax.models.losses import m4c_decoding_bce
 from lfpr_jax.models.params import abstract_params
-from lfpr_jax.models.tap import MASK_VALUE, TAP
+from lfpr_jax.models.tap import MASK_VALUE, TAP, valid_rows
 from tests.helpers import BASE, random_batch, random_params
 
 # BASE: question 8, OCR words 12, object names 10, 10 objects, 12 OCR slots.
@@ -294,7 +294,7 @@ def test_pack_bucket_and_counts():
   # A whole batch's count applied to one sample is cut to that sample's rows; the
   # padding entries point past the end (B*S).
   np.testing.assert_array_equal(
-      tap.valid_rows(jnp.asarray([[True, False, True]]), 10), [0, 2, 3])
+      valid_rows(jnp.asarray([[True, False, True]]), 10), [0, 2, 3])
 
 
 def test_sort_by_length_round_trip():
